@@ -1,0 +1,61 @@
+"""Settings, read from ``TIDINGS_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything Tidings can be told from outside; the README documents each one.
+
+    The names of the first block are fixed by the specification because deployments
+    rely on them; the rest are Tidings' own knobs with production defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TIDINGS_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    mongodb_uri: str | None = None
+    database: str = "tidings"
+    change_stream_scope: Literal["database", "collection"] = "database"
+    dev: bool = False
+    jwt_secret: str | None = Field(default=None, repr=False)
+    jwt_public_key_file: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    allowed_origins: str | None = None
+    max_frame_bytes: PositiveInt = 65536
+    ping_interval: PositiveFloat = 20.0
+    ping_timeout: PositiveFloat = 20.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # Frames a connection may have waiting to be written before it counts as a
+    # client that cannot keep up and is disconnected.
+    send_queue_size: PositiveInt = 256
+    # Longest message content, in characters.
+    max_content_chars: PositiveInt = 16384
+    # Backlog documents read from the store per round trip.
+    backlog_batch: PositiveInt = 200
+    # How long /readyz waits for the database before calling it down.
+    ready_timeout: PositiveFloat = 2.0
+    # How long a closing connection may take to flush before it is dropped.
+    close_timeout: PositiveFloat = 5.0
+
+    @property
+    def origins(self) -> frozenset[str]:
+        """The configured browser origins, normalised; empty means "same origin only"."""
+        if not self.allowed_origins:
+            return frozenset()
+        return frozenset(
+            o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip()
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when no MongoDB is configured and the in-memory store is used."""
+        return not self.mongodb_uri

@@ -1,0 +1,67 @@
+"""The errors Tidings reports to clients, each with a code and a reason.
+
+Handlers raise these; the endpoint is the one place that turns them into error
+frames (``ClientError``) or close codes (``CloseConnection``).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an error frame, as fixed by the protocol."""
+
+    BAD_JSON = "bad_json"
+    INVALID = "invalid"
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_IDENTIFIED = "not_identified"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    RATE_LIMITED = "rate_limited"
+    TOO_LARGE = "too_large"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes Tidings uses, from RFC 6455 and the IANA registry."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+
+class TidingsError(Exception):
+    """Base class of every error Tidings raises on purpose."""
+
+
+class ClientError(TidingsError):
+    """A frame the server will not act on; answered with an error frame.
+
+    The connection stays open: only the offending frame is refused.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+class CloseConnection(TidingsError):
+    """Abuse or overload that ends the connection with a close code and reason."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        # RFC 6455 caps a close reason at 123 bytes of UTF-8.
+        self.reason = reason.encode()[:123].decode(errors="ignore")
+
+
+class StoreUnavailable(TidingsError):
+    """The database did not answer; the operation may be retried later."""

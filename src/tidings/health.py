@@ -1,0 +1,35 @@
+"""Health probes: liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from tidings.errors import StoreUnavailable
+from tidings.services import Services
+
+
+async def healthz(request: Request) -> Response:
+    """200 while the process is alive and serving HTTP."""
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    """200 only while the database answers and the change feed runs; 503 with why not."""
+    services: Services = request.app.state.services
+    if services.draining:
+        return _unready("draining: the server is shutting down")
+    if not services.feed.running:
+        return _unready("change feed is not running")
+    try:
+        async with asyncio.timeout(services.settings.ready_timeout):
+            await services.store.ping()
+    except (StoreUnavailable, TimeoutError) as exc:
+        return _unready(f"database is not answering: {exc or 'timed out'}")
+    return JSONResponse({"status": "ready"})
+
+
+def _unready(reason: str) -> Response:
+    return JSONResponse({"status": "unready", "reason": reason}, status_code=503)

@@ -1,0 +1,115 @@
+"""The records that flow from the store through the feed and hub to sessions."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from bson import ObjectId
+
+from tidings.protocol import MessageState, rfc3339
+
+INBOX = "in"
+OUTBOX = "out"
+
+
+def collection_for(email: str) -> str:
+    """The name of the collection that holds ``email``'s messages.
+
+    Derived from the normalised e-mail, never taken from a client: a SHA-256
+    hex digest is valid in every MongoDB namespace whatever the e-mail holds,
+    has a fixed length, and two e-mails never share a collection.
+    """
+    return "m_" + hashlib.sha256(email.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user's public record; ``online`` is filled in when it is looked up."""
+
+    id: str
+    email: str
+    name: str
+    collection: str
+    online: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """The USER object of the wire protocol."""
+        return {
+            "id": self.id,
+            "email": self.email,
+            "name": self.name,
+            "collection": self.collection,
+            "online": self.online,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message as it lies in its recipient's collection."""
+
+    oid: ObjectId
+    id: str
+    sender: str
+    recipient: str
+    content: str
+    sent_at: datetime
+    state: MessageState
+    # When the message reached its current state.
+    state_at: datetime
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Ids are unique per sender, so this pair names a message everywhere."""
+        return (self.sender, self.id)
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Message:
+        """Read an inbox document."""
+        return cls(
+            oid=doc["_id"],
+            id=doc["mid"],
+            sender=doc["from"],
+            recipient=doc["to"],
+            content=doc["content"],
+            sent_at=doc["sent_at"],
+            state=MessageState(doc["state"]),
+            state_at=doc.get("at", {}).get(doc["state"], doc["sent_at"]),
+        )
+
+    def frame(self) -> dict[str, Any]:
+        """The ``message`` frame pushed to the recipient."""
+        return {
+            "type": "message",
+            "id": self.id,
+            "from": self.sender,
+            "to": self.recipient,
+            "content": self.content,
+            "sent_at": rfc3339(self.sent_at),
+            "state": self.state.value,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A write to a message collection, as a change feed reports it.
+
+    ``doc`` is the document after the write; for an update its ``state`` is the
+    one that write set, not a later one, so every transition is seen.
+    """
+
+    operation: Literal["insert", "update"]
+    doc: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The feed may have missed changes; every session must re-read its backlog."""
+
+    reason: str
+
+
+FeedEvent = Change | Resync

@@ -1,0 +1,217 @@
+"""Wire protocol v1: the frames, their validation, and the message state machine."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from tidings.errors import ClientError, ErrorCode
+
+
+class MessageState(StrEnum):
+    """Where a message is on its way; states only move forward."""
+
+    RECEIVED = "received"
+    STORED = "stored"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+
+
+_RANK = {
+    MessageState.RECEIVED: 0,
+    MessageState.STORED: 1,
+    MessageState.SENT: 2,
+    MessageState.DELIVERED: 3,
+    MessageState.READ: 4,
+}
+
+
+def advances(current: MessageState, new: MessageState) -> bool:
+    """True when moving from ``current`` to ``new`` is a forward transition.
+
+    ``failed`` is terminal and only reachable before a message is stored; every
+    other state may only be followed by a later one, so stale or repeated
+    transitions are no-ops.
+    """
+    if current is MessageState.FAILED:
+        return False
+    if new is MessageState.FAILED:
+        return current is MessageState.RECEIVED
+    return _RANK[new] > _RANK[current]
+
+
+def earlier_than(state: MessageState) -> list[str]:
+    """The stored states a message may be in for ``state`` to be a step forward."""
+    return [s.value for s in _RANK if s is not MessageState.RECEIVED and advances(s, state)]
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+def _check_id(value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def normalise_email(value: str) -> str:
+    """The canonical form of an e-mail address: trimmed and lower-cased.
+
+    Raises ``ValueError`` for anything that is not ``local@domain`` without
+    white space or control characters, at most 254 characters long.
+    """
+    email = value.strip().lower()
+    if len(email) > 254 or not _EMAIL.fullmatch(email) or not email.isprintable():
+        raise ValueError("must be an e-mail address like name@example.com")
+    return email
+
+
+MessageId = Annotated[str, AfterValidator(_check_id)]
+Email = Annotated[str, AfterValidator(normalise_email)]
+
+
+class _Frame(BaseModel):
+    # Strict: a number where a string belongs is an error, not a silent coercion.
+    # Unknown fields are ignored so that newer clients can talk to older servers.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class EmailFrame(_Frame):
+    """``#email``: identify as ``email`` and start streaming its messages."""
+
+    type: Literal["#email"]
+    email: Email
+    since: MessageId | None = None
+
+
+class PingFrame(_Frame):
+    """``#ping``: an application-level heartbeat, echoed as ``#pong``."""
+
+    type: Literal["#ping"]
+    ts: Any = None
+
+
+class UserFrame(_Frame):
+    """``#user``: look up a user's public record."""
+
+    type: Literal["#user"]
+    email: Email
+
+
+class SendFrame(_Frame):
+    """``message``: send ``content`` to ``to``."""
+
+    type: Literal["message"]
+    to: Email
+    content: str = Field(min_length=1)
+    id: MessageId | None = None
+
+
+class AckFrame(_Frame):
+    """``ack`` / ``read``: the recipient has the message / has read it.
+
+    ``from`` is optional; it is needed only when two senders used the same id.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: Literal["ack", "read"]
+    id: MessageId
+    sender: Email | None = Field(default=None, alias="from")
+
+
+ClientFrame = EmailFrame | PingFrame | UserFrame | SendFrame | AckFrame
+
+_MODELS: dict[str, type[_Frame]] = {
+    "#email": EmailFrame,
+    "#ping": PingFrame,
+    "#user": UserFrame,
+    "message": SendFrame,
+    "ack": AckFrame,
+    "read": AckFrame,
+}
+
+
+def parse_frame(data: str | bytes) -> ClientFrame:
+    """Decode and validate one client frame, or raise the ``ClientError`` that says why not."""
+    if isinstance(data, bytes):
+        raise ClientError(ErrorCode.INVALID, "frames must be JSON text frames, not binary")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ClientError(ErrorCode.INVALID, "a frame must be a JSON object with a 'type'")
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ClientError(ErrorCode.INVALID, "a frame needs a string 'type' field")
+    model = _MODELS.get(kind)
+    if model is None:
+        known = ", ".join(sorted(_MODELS))
+        raise ClientError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}; known types: {known}", kind
+        )
+    try:
+        frame = model.model_validate(raw)
+    except ValidationError as exc:
+        raise ClientError(ErrorCode.INVALID, _describe(exc), _ref(raw, kind)) from None
+    assert isinstance(frame, ClientFrame)
+    return frame
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in error["loc"]) or "frame"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"'{field}': {message}")
+    return "; ".join(problems)
+
+
+def _ref(raw: dict[str, Any], kind: str) -> str:
+    """What an error frame should point at: the frame's id when it has a usable one."""
+    frame_id = raw.get("id")
+    if isinstance(frame_id, str) and _ID.fullmatch(frame_id):
+        return frame_id
+    return kind
+
+
+def rfc3339(moment: datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision, as MongoDB stores it."""
+    if moment.tzinfo is None:  # PyMongo hands back naive datetimes that are UTC.
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Serialise a server frame to the text of a WebSocket frame."""
+    return orjson.dumps(frame).decode()
+
+
+def state_frame(
+    message_id: str,
+    state: MessageState,
+    at: datetime,
+    code: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """A ``state`` frame; ``failed`` carries the code and reason."""
+    frame: dict[str, Any] = {"type": "state", "id": message_id, "state": state.value}
+    frame["at"] = rfc3339(at)
+    if state is MessageState.FAILED:
+        frame["code"] = code or ErrorCode.INTERNAL.value
+        frame["reason"] = reason or "the message could not be stored"
+    return frame
+
+
+def error_frame(code: ErrorCode, message: str, ref: str | None = None) -> dict[str, Any]:
+    """An ``error`` frame; ``ref`` names the offending frame when there is one."""
+    return {"type": "error", "code": code.value, "message": message, "ref": ref}

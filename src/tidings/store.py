@@ -1,0 +1,299 @@
+"""The store: users, presence and per-user message collections in MongoDB.
+
+Each user owns one collection (``collection_for``). A message lives in its
+recipient's collection as an *inbox* document (the durable copy, with content),
+and in its sender's collection as an *outbox* receipt that mirrors its state.
+The receipt is what lets a change stream on the sender's own collection carry
+state changes back to the sender, in both change-stream scopes.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from tidings.errors import StoreUnavailable
+from tidings.models import INBOX, OUTBOX, Change, Message, User, collection_for
+from tidings.protocol import MessageState, earlier_than
+
+Document = dict[str, Any]
+
+USERS = "users"
+PRESENCE = "presence"
+# A process refreshes its users' presence well within this; a crashed
+# process's users go offline once it passes.
+PRESENCE_TTL = timedelta(seconds=60)
+
+MESSAGE_INDEXES = [
+    # Ids are unique per sender; also serves ack/read, which look a message up by id.
+    IndexModel(
+        [("k", ASCENDING), ("mid", ASCENDING), ("from", ASCENDING)], unique=True, name="sender_id"
+    ),
+    # The backlog: undelivered inbox documents in the order they were stored.
+    IndexModel([("k", ASCENDING), ("state", ASCENDING), ("_id", ASCENDING)], name="backlog"),
+]
+PENDING = [MessageState.STORED.value, MessageState.SENT.value]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Report a database that does not answer as ``StoreUnavailable``, for every caller."""
+
+    @functools.wraps(method)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except DuplicateKeyError:
+            raise
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"database error: {exc}") from exc
+
+    return guarded
+
+
+def utcnow() -> datetime:
+    """Now, truncated to the millisecond precision that BSON dates keep."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class Store(Protocol):
+    """What sessions and handlers need from the database."""
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the database answers."""
+
+    async def ensure_user(self, email: str) -> User:
+        """The user record for ``email``, created on first identification."""
+
+    async def find_user(self, email: str) -> User | None:
+        """The user record for ``email``, with presence, or ``None``."""
+
+    async def set_presence(self, email: str, online: bool) -> None:
+        """Record that this process does or no longer holds a connection of ``email``."""
+
+    async def refresh_presence(self, emails: Sequence[str]) -> None:
+        """Keep this process's presence records alive."""
+
+    async def send(
+        self, sender: str, recipient: User, message_id: str, content: str, conn: str
+    ) -> tuple[Message, bool]:
+        """Store a message durably; ``False`` when the id had been stored before."""
+
+    async def find_inbox(self, owner: str, message_id: str, sender: str | None) -> list[Message]:
+        """``owner``'s received messages with this id, optionally from one sender."""
+
+    async def backlog(
+        self, owner: str, since: ObjectId | None, after: ObjectId | None, limit: int
+    ) -> list[Message]:
+        """The next page of ``owner``'s backlog, oldest first, after ``after``."""
+
+    async def advance(self, message: Message, state: MessageState) -> bool:
+        """Move a message forward to ``state``; ``False`` when that is no step forward."""
+
+
+class MongoStore:
+    """``Store`` on any database with PyMongo's async collection API.
+
+    That is ``AsyncMongoClient`` in production and mongomock-motor for the
+    embedded store. mongomock has no change streams, so in embedded mode the
+    store reports each write to ``on_change`` (the in-process feed) itself:
+    the one place where the two differ.
+    """
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        on_change: Callable[[Change], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._on_change = on_change
+        self._process = uuid.uuid4().hex
+        self._indexed: set[str] = set()
+
+    @_guarded
+    async def start(self) -> None:
+        """Create the indexes of the shared collections."""
+        await self._db[PRESENCE].create_indexes(
+            [
+                IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expiry"),
+                IndexModel([("email", ASCENDING), ("expires_at", ASCENDING)], name="email"),
+            ]
+        )
+
+    @_guarded
+    async def ping(self) -> None:
+        await self._db.command("ping")
+
+    @_guarded
+    async def ensure_user(self, email: str) -> User:
+        fresh = {
+            "id": uuid.uuid4().hex,
+            "email": email,
+            "name": email.partition("@")[0],
+            "collection": collection_for(email),
+            "created_at": utcnow(),
+        }
+        try:
+            doc = await self._db[USERS].find_one_and_update(
+                {"_id": email},
+                {"$setOnInsert": fresh},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:  # Two first identifications raced; the other won.
+            doc = await self._db[USERS].find_one({"_id": email})
+        await self._messages(email)
+        return _user(doc)
+
+    @_guarded
+    async def find_user(self, email: str) -> User | None:
+        doc = await self._db[USERS].find_one({"_id": email})
+        if doc is None:
+            return None
+        # Expired records count as offline before the TTL monitor removes them.
+        live = {"email": email, "expires_at": {"$gt": utcnow()}}
+        online = await self._db[PRESENCE].find_one(live)
+        return _user(doc, online=online is not None)
+
+    @_guarded
+    async def set_presence(self, email: str, online: bool) -> None:
+        key = {"_id": f"{self._process}/{email}"}
+        if online:
+            fields = {
+                "email": email,
+                "process": self._process,
+                "expires_at": utcnow() + PRESENCE_TTL,
+            }
+            await self._db[PRESENCE].replace_one(key, fields, upsert=True)
+        else:
+            await self._db[PRESENCE].delete_one(key)
+
+    @_guarded
+    async def refresh_presence(self, emails: Sequence[str]) -> None:
+        await self._db[PRESENCE].update_many(
+            {"process": self._process, "email": {"$in": list(emails)}},
+            {"$set": {"expires_at": utcnow() + PRESENCE_TTL}},
+        )
+
+    @_guarded
+    async def send(
+        self, sender: str, recipient: User, message_id: str, content: str, conn: str
+    ) -> tuple[Message, bool]:
+        now = utcnow()
+        common = {"mid": message_id, "from": sender, "to": recipient.email, "sent_at": now}
+        # The receipt is written first, so that any later transition finds it.
+        receipt = {"k": OUTBOX, **common, "state": MessageState.RECEIVED.value, "conn": conn}
+        await self._insert(await self._messages(sender), receipt)
+        doc = {
+            "_id": ObjectId(),
+            "k": INBOX,
+            **common,
+            "content": content,
+            "state": MessageState.STORED.value,
+            "at": {MessageState.STORED.value: now},
+        }
+        inbox = await self._messages(recipient.email)
+        if not await self._insert(inbox, doc):
+            existing = await inbox.find_one({"k": INBOX, "mid": message_id, "from": sender})
+            assert existing is not None, "a duplicate key implies the document exists"
+            return Message.from_doc(existing), False
+        message = Message.from_doc(doc)
+        await self._advance_receipt(message, MessageState.STORED, now)
+        return message, True
+
+    @_guarded
+    async def find_inbox(self, owner: str, message_id: str, sender: str | None) -> list[Message]:
+        query: Document = {"k": INBOX, "mid": message_id}
+        if sender is not None:
+            query["from"] = sender
+        cursor = (await self._messages(owner)).find(query).sort("_id", DESCENDING).limit(2)
+        return [Message.from_doc(doc) for doc in await cursor.to_list(None)]
+
+    @_guarded
+    async def backlog(
+        self, owner: str, since: ObjectId | None, after: ObjectId | None, limit: int
+    ) -> list[Message]:
+        query: Document = {"k": INBOX, "state": {"$in": PENDING}}
+        if since is not None:
+            query = {"k": INBOX, "$or": [{"state": {"$in": PENDING}}, {"_id": {"$gt": since}}]}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = (await self._messages(owner)).find(query).sort("_id", ASCENDING).limit(limit)
+        return [Message.from_doc(doc) for doc in await cursor.to_list(None)]
+
+    @_guarded
+    async def advance(self, message: Message, state: MessageState) -> bool:
+        now = utcnow()
+        inbox = await self._messages(message.recipient)
+        updated = await inbox.find_one_and_update(
+            {"_id": message.oid, "state": {"$in": earlier_than(state)}},
+            {"$set": {"state": state.value, f"at.{state.value}": now}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if updated is None:
+            return False
+        self._report("update", updated)
+        await self._advance_receipt(message, state, now)
+        return True
+
+    async def _advance_receipt(self, message: Message, state: MessageState, now: datetime) -> None:
+        outbox = await self._messages(message.sender)
+        updated = await outbox.find_one_and_update(
+            {
+                "k": OUTBOX,
+                "mid": message.id,
+                "from": message.sender,
+                "state": {"$in": [MessageState.RECEIVED.value, *earlier_than(state)]},
+            },
+            {"$set": {"state": state.value, f"at.{state.value}": now}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if updated is not None:
+            self._report("update", updated)
+
+    async def _insert(self, coll: AsyncCollection[Document], doc: Document) -> bool:
+        """Insert ``doc``; ``False`` when a document with its key is already there."""
+        try:
+            await coll.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        self._report("insert", doc)
+        return True
+
+    def _report(self, operation: str, doc: Document) -> None:
+        if self._on_change is not None:
+            self._on_change(Change("insert" if operation == "insert" else "update", dict(doc)))
+
+    async def _messages(self, email: str) -> AsyncCollection[Document]:
+        name = collection_for(email)
+        coll = self._db[name]
+        if name not in self._indexed:
+            await coll.create_indexes(MESSAGE_INDEXES)
+            self._indexed.add(name)
+        return coll
+
+
+def _user(doc: Document | None, online: bool = False) -> User:
+    assert doc is not None, "the user document was just written"
+    return User(
+        id=doc["id"],
+        email=doc["email"],
+        name=doc["name"],
+        collection=doc["collection"],
+        online=online,
+    )
