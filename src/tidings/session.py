@@ -71,7 +71,9 @@ class Session:
         self._pending_limit = queue_size * 4
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
+        # Set once the session stops taking frames; ``_closed`` once close() ran.
         self._closing = False
+        self._closed = False
         self.closed = asyncio.Event()
 
     @property
@@ -117,12 +119,14 @@ class Session:
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""
-        if self._closing:
+        if self._closed:
             return
-        self._closing = True
+        self._closed = self._closing = True
         log.info("connection_closing", extra={**self.log_fields, "code": code, "reason": reason})
-        await self._transport.close(code, reason)
+        # Stop writing first: the close frame must not wait behind frames that a
+        # slow client will never take.
         await self.stop()
+        await self._transport.close(code, reason)
 
     async def stop(self) -> None:
         """End every task of this session and leave the hub. Idempotent."""

@@ -1,0 +1,125 @@
+"""Shared test helpers: a real uvicorn server on a free loopback port and a WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
+
+from tidings.app import create_app
+from tidings.cli import server_config
+from tidings.config import Settings
+
+# Long enough for a loaded CI machine, short enough that a lost frame fails fast.
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[str]:
+    """Run the app under uvicorn in this event loop; yield its ``ws://`` URL."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = server_config(create_app(settings), settings.model_copy(update={"port": port}))
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT)
+        sock.close()
+
+
+class Client:
+    """A real WebSocket client speaking Tidings' JSON frames."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        """Send a frame: a dict as JSON, a string as it is."""
+        await self.ws.send(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
+
+    async def recv(self, within: float = TIMEOUT) -> dict[str, Any]:
+        """The next frame, decoded; ``TimeoutError`` if none comes ``within`` seconds."""
+        raw = await asyncio.wait_for(self.ws.recv(), within)
+        frame: dict[str, Any] = orjson.loads(raw)
+        return frame
+
+    async def recv_until(
+        self, accept: Callable[[dict[str, Any]], bool], within: float = TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Frames up to and including the first that ``accept`` takes."""
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(within):
+            while True:
+                frames.append(await self.recv())
+                if accept(frames[-1]):
+                    return frames
+
+    async def nothing_within(self, seconds: float) -> None:
+        """Assert that no frame arrives within ``seconds``."""
+        try:
+            frame = await self.recv(within=seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected no frame, got {frame}")
+
+    async def close_frame(self, within: float = TIMEOUT) -> Close:
+        """Read, discarding frames, until the server closes; the close it sent."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    await self.ws.recv()
+        except ConnectionClosed as closed:
+            if closed.rcvd is None:
+                raise AssertionError(f"closed without a close frame: {closed}") from closed
+            return closed.rcvd
+
+    async def identify(self, email: str, **extra: Any) -> dict[str, Any]:
+        """Send ``#email`` and return the reply."""
+        await self.send({"type": "#email", "email": email, **extra})
+        reply = await self.recv()
+        assert reply["type"] == "#email", reply
+        return reply
+
+    async def send_message(self, to: str, content: str, **extra: Any) -> None:
+        """Send a ``message`` frame."""
+        await self.send({"type": "message", "to": to, "content": content, **extra})
+
+    async def states(self, message_id: str, until: str) -> list[str]:
+        """The states reported for ``message_id`` up to ``until``, other frames skipped."""
+        frames = await self.recv_until(
+            lambda f: f["type"] == "state" and f["id"] == message_id and f["state"] == until
+        )
+        return [f["state"] for f in frames if f["type"] == "state" and f["id"] == message_id]
+
+
+@asynccontextmanager
+async def client(url: str, **options: Any) -> AsyncIterator[Client]:
+    """Open a WebSocket client to ``url``."""
+    async with connect(url, open_timeout=TIMEOUT, close_timeout=2, **options) as ws:
+        yield Client(ws)

@@ -1,0 +1,119 @@
+"""End to end: no gap and no duplicate under concurrency, and slow clients are cut off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from tests.helpers import TIMEOUT, Client, client, serve
+from tidings.config import Settings
+
+pytestmark = pytest.mark.e2e
+
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+CAROL = "carol@example.com"
+
+
+async def drain(ws: Client, stop: asyncio.Event) -> None:
+    """Read and discard frames until ``stop`` is set, so ``ws`` never falls behind."""
+    while not stop.is_set():
+        try:
+            await ws.recv(within=0.1)
+        except TimeoutError:
+            continue
+
+
+async def test_a_recipient_reconnecting_mid_stream_gets_every_message_exactly_once(
+    server: str,
+) -> None:
+    total = 150
+    async with client(server) as bob:
+        await bob.identify(BOB)
+
+    async def alice_sends(all_stored: asyncio.Event) -> None:
+        async with client(server) as alice:
+            await alice.identify(ALICE)
+            stop = asyncio.Event()
+            for n in range(total):
+                await alice.send_message(BOB, f"#{n}", id=f"s{n:04d}")
+                if n % 10 == 0:
+                    await asyncio.sleep(0.01)
+            await alice.states(f"s{total - 1:04d}", until="stored")
+            all_stored.set()
+            stop.set()
+
+    all_stored = asyncio.Event()
+    sender = asyncio.create_task(alice_sends(all_stored))
+    seen: list[str] = []
+    async with client(server) as bob:
+        await bob.identify(BOB)
+        while len(seen) < total // 3:
+            frame = await bob.recv()
+            seen.append(frame["id"])
+            await bob.send({"type": "ack", "id": frame["id"]})
+    # Bob's acks were all handled before his close; he reconnects mid-stream.
+    first_connection = list(seen)
+    async with client(server) as bob:
+        await bob.identify(BOB)
+        while len(seen) < total:
+            frame = await bob.recv()
+            seen.append(frame["id"])
+            await bob.send({"type": "ack", "id": frame["id"]})
+        await asyncio.wait_for(all_stored.wait(), TIMEOUT)
+        await bob.nothing_within(0.3)
+    await sender
+
+    counts = Counter(seen)
+    assert [mid for mid, n in counts.items() if n > 1] == []
+    assert sorted(seen) == [f"s{n:04d}" for n in range(total)]
+    second_connection = seen[len(first_connection) :]
+    assert first_connection == sorted(first_connection)
+    assert second_connection == sorted(second_connection)
+
+
+async def test_a_client_that_never_reads_is_cut_off_and_others_are_not_slowed() -> None:
+    settings = Settings(
+        dev=True,
+        send_queue_size=8,
+        max_frame_bytes=2**19,
+        max_content_chars=2**18,
+        # The close frame waits until Bob reads what the kernel already holds.
+        close_timeout=TIMEOUT * 3,
+    )
+    count = 128  # 32 MiB: far more than loopback socket buffers hold.
+    async with (
+        serve(settings) as url,
+        client(url) as alice,
+        client(url) as carol,
+        client(url) as dave,
+    ):
+        await alice.identify(ALICE)
+        await carol.identify(CAROL)
+        await dave.identify("dave@example.com")
+        # Bob's client library stops reading once its own one-frame buffer is full.
+        async with client(url, max_queue=1, max_size=2**20) as bob:
+            await bob.identify(BOB)
+            stop = asyncio.Event()
+            readers = [asyncio.create_task(drain(ws, stop)) for ws in (alice, dave)]
+            big = "x" * 2**18
+            for n in range(count):
+                await alice.send_message(BOB, big, id=f"big{n}")
+                if n % 16 == 0:
+                    # Meanwhile Carol still gets Dave's messages.
+                    await dave.send_message(CAROL, f"ping {n}", id=f"d{n}")
+                    assert (await carol.recv())["content"] == f"ping {n}"
+            stop.set()
+            await asyncio.gather(*readers)
+
+            close = await bob.close_frame(within=TIMEOUT * 3)
+            assert close.code == 1008
+            assert "slow consumer" in close.reason
+
+        # Bob's stored messages wait for him: nothing was lost.
+        async with client(url, max_size=2**20) as bob:
+            await bob.identify(BOB)
+            ids = [(await bob.recv())["id"] for _ in range(count)]
+            assert ids == [f"big{n}" for n in range(count)]
