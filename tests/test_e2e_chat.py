@@ -162,3 +162,17 @@ async def test_user_lookup_reports_presence(server: str) -> None:
                 if (await alice.recv())["user"]["online"] is False:
                     break
                 await asyncio.sleep(0.05)
+
+
+async def test_an_id_reused_for_another_recipient_is_not_stored_again(server: str) -> None:
+    async with client(server) as alice, client(server) as bob, client(server) as carol:
+        await alice.identify(ALICE)
+        await bob.identify(BOB)
+        await carol.identify("carol@example.com")
+        await alice.send_message(BOB, "for bob", id="same")
+        assert await alice.states("same", until="sent") == ["received", "stored", "sent"]
+        assert (await bob.recv())["content"] == "for bob"
+
+        await alice.send_message("carol@example.com", "for carol", id="same")
+        assert await alice.states("same", until="sent") == ["received", "sent"]
+        await carol.nothing_within(0.3)

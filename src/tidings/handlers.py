@@ -109,7 +109,7 @@ class Handlers:
             self._fail(session, message_id, ErrorCode.NOT_FOUND, f"no user {frame.to}")
             return
         try:
-            message, created = await self._store.send(
+            outcome = await self._store.send(
                 sender.email, recipient, message_id, frame.content, session.conn_id
             )
         except StoreUnavailable as exc:
@@ -121,11 +121,19 @@ class Handlers:
                 "the message could not be stored; send it again with the same id",
             )
             return
-        log.info(
-            "message_stored" if created else "message_resent",
-            extra={**fields, "state": message.state.value},
-        )
-        session.push(state_frame(message.id, message.state, message.state_at))
+        # The sending connection hears ``stored`` first, before the receipt moves
+        # on and the feed tells the sender's other connections.
+        session.push(state_frame(outcome.id, outcome.state, outcome.at))
+        if outcome.stored is None:
+            log.info("message_resent", extra={**fields, "state": outcome.state.value})
+            return
+        log.info("message_stored", extra={**fields, "state": outcome.state.value})
+        try:
+            await self._store.confirm(outcome.stored)
+        except StoreUnavailable as exc:
+            # The message is stored and this connection knows; only the sender's
+            # other connections miss the ``stored`` notice.
+            log.warning("confirm_failed", extra={**fields, "error": str(exc)})
 
     @staticmethod
     def _fail(session: Session, message_id: str, code: ErrorCode, reason: str) -> None:

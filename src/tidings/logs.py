@@ -8,6 +8,12 @@ import sys
 from pythonjsonlogger.json import JsonFormatter
 
 
+def _drop_colour(record: logging.LogRecord) -> bool:
+    # uvicorn attaches a terminal-coloured copy of its message; aggregators want one.
+    record.__dict__.pop("color_message", None)
+    return True
+
+
 def configure_logging(level: str) -> None:
     """Send every logger's records, uvicorn's included, to stderr as JSON lines.
 
@@ -16,6 +22,7 @@ def configure_logging(level: str) -> None:
     ``state``, ...) comes as the ``extra`` fields of the call.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_drop_colour)
     handler.setFormatter(
         JsonFormatter(
             "{asctime}{levelname}{name}{message}",

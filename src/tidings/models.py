@@ -26,6 +26,16 @@ def collection_for(email: str) -> str:
     return "m_" + hashlib.sha256(email.encode()).hexdigest()
 
 
+def as_datetime(value: datetime | str) -> datetime:
+    """A stored timestamp as a datetime.
+
+    MongoDB keeps the datetimes Tidings writes as BSON dates. nx-27017 turns a
+    datetime written by ``$set`` into an ISO string; this is the one place that
+    takes it back.
+    """
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A user's public record; ``online`` is filled in when it is looked up."""
@@ -77,7 +87,7 @@ class Message:
             content=doc["content"],
             sent_at=doc["sent_at"],
             state=MessageState(doc["state"]),
-            state_at=doc.get("at", {}).get(doc["state"], doc["sent_at"]),
+            state_at=as_datetime(doc.get("at", {}).get(doc["state"], doc["sent_at"])),
         )
 
     def frame(self) -> dict[str, Any]:
@@ -94,6 +104,16 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a send came to: the message's state, and the message if this send stored it."""
+
+    id: str
+    state: MessageState
+    at: datetime
+    stored: Message | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     """A write to a message collection, as a change feed reports it.
 
@@ -107,9 +127,13 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Resync:
-    """The feed may have missed changes; every session must re-read its backlog."""
+    """The feed may have missed changes: sessions must re-read their backlog.
+
+    ``collection`` names the one collection concerned; ``None`` means all.
+    """
 
     reason: str
+    collection: str | None = None
 
 
 FeedEvent = Change | Resync

@@ -9,6 +9,7 @@ state changes back to the sender, in both change-stream scopes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,8 +22,17 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from tidings.errors import StoreUnavailable
-from tidings.models import INBOX, OUTBOX, Change, Message, User, collection_for
+from tidings.errors import ClientError, ErrorCode, StoreUnavailable
+from tidings.models import (
+    INBOX,
+    OUTBOX,
+    Change,
+    Message,
+    Outcome,
+    User,
+    as_datetime,
+    collection_for,
+)
 from tidings.protocol import MessageState, earlier_than
 
 Document = dict[str, Any]
@@ -33,14 +43,17 @@ PRESENCE = "presence"
 # process's users go offline once it passes.
 PRESENCE_TTL = timedelta(seconds=60)
 
-MESSAGE_INDEXES = [
-    # Ids are unique per sender; also serves ack/read, which look a message up by id.
-    IndexModel(
-        [("k", ASCENDING), ("mid", ASCENDING), ("from", ASCENDING)], unique=True, name="sender_id"
-    ),
-    # The backlog: undelivered inbox documents in the order they were stored.
-    IndexModel([("k", ASCENDING), ("state", ASCENDING), ("_id", ASCENDING)], name="backlog"),
-]
+# Ids are unique per sender; this also serves ack/read, which look a message up by id.
+SENDER_ID_INDEX = IndexModel(
+    [("k", ASCENDING), ("mid", ASCENDING), ("from", ASCENDING)], unique=True, name="sender_id"
+)
+# The backlog: undelivered inbox documents in the order they were stored.
+BACKLOG_INDEX = IndexModel(
+    [("k", ASCENDING), ("state", ASCENDING), ("_id", ASCENDING)], name="backlog"
+)
+# nx-27017 accepts an index on ``_id`` but then fails every insert ("JSON path
+# error near '_id'"); on it the backlog is sorted without the index's help.
+NX_BACKLOG_INDEX = IndexModel([("k", ASCENDING), ("state", ASCENDING)], name="backlog")
 PENDING = [MessageState.STORED.value, MessageState.SENT.value]
 
 
@@ -91,8 +104,15 @@ class Store(Protocol):
 
     async def send(
         self, sender: str, recipient: User, message_id: str, content: str, conn: str
-    ) -> tuple[Message, bool]:
-        """Store a message durably; ``False`` when the id had been stored before."""
+    ) -> Outcome:
+        """Store a message durably, once per sender and id; a resend changes nothing.
+
+        Raises ``ClientError`` when the id is taken by a message still on its way
+        to someone else.
+        """
+
+    async def confirm(self, message: Message) -> None:
+        """Tell the sender's other connections that ``message`` is stored."""
 
     async def find_inbox(self, owner: str, message_id: str, sender: str | None) -> list[Message]:
         """``owner``'s received messages with this id, optionally from one sender."""
@@ -124,16 +144,26 @@ class MongoStore:
         self._on_change = on_change
         self._process = uuid.uuid4().hex
         self._indexed: set[str] = set()
+        self._message_indexes = [SENDER_ID_INDEX, BACKLOG_INDEX]
 
     @_guarded
     async def start(self) -> None:
         """Create the indexes of the shared collections."""
+        if await self._is_nx_27017():
+            self._message_indexes = [SENDER_ID_INDEX, NX_BACKLOG_INDEX]
         await self._db[PRESENCE].create_indexes(
             [
                 IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expiry"),
                 IndexModel([("email", ASCENDING), ("expires_at", ASCENDING)], name="email"),
             ]
         )
+
+    async def _is_nx_27017(self) -> bool:
+        try:
+            info = await self._db.command("buildInfo")
+        except PyMongoError:
+            return False
+        return bool(info.get("process") == "nx_27017")
 
     @_guarded
     async def ping(self) -> None:
@@ -148,15 +178,10 @@ class MongoStore:
             "collection": collection_for(email),
             "created_at": utcnow(),
         }
-        try:
-            doc = await self._db[USERS].find_one_and_update(
-                {"_id": email},
-                {"$setOnInsert": fresh},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:  # Two first identifications raced; the other won.
-            doc = await self._db[USERS].find_one({"_id": email})
+        # DuplicateKeyError: two first identifications raced and the other one won.
+        with contextlib.suppress(DuplicateKeyError):
+            await self._db[USERS].update_one({"_id": email}, {"$setOnInsert": fresh}, upsert=True)
+        doc = await self._db[USERS].find_one({"_id": email})
         await self._messages(email)
         return _user(doc)
 
@@ -193,12 +218,27 @@ class MongoStore:
     @_guarded
     async def send(
         self, sender: str, recipient: User, message_id: str, content: str, conn: str
-    ) -> tuple[Message, bool]:
+    ) -> Outcome:
         now = utcnow()
         common = {"mid": message_id, "from": sender, "to": recipient.email, "sent_at": now}
-        # The receipt is written first, so that any later transition finds it.
+        # The receipt is written first, so that every later transition finds it,
+        # and its unique key is what makes an id name one message per sender.
+        receipts = await self._messages(sender)
         receipt = {"k": OUTBOX, **common, "state": MessageState.RECEIVED.value, "conn": conn}
-        await self._insert(await self._messages(sender), receipt)
+        if not await self._insert(receipts, receipt):
+            previous = await receipts.find_one({"k": OUTBOX, "mid": message_id, "from": sender})
+            assert previous is not None, "a duplicate key implies the document exists"
+            if previous["to"] != recipient.email:
+                if previous["state"] == MessageState.RECEIVED.value:
+                    raise ClientError(
+                        ErrorCode.INVALID,
+                        f"the id {message_id!r} is already taken by a message to "
+                        f"{previous['to']}; use another id",
+                        message_id,
+                    )
+                return _outcome(previous)
+            # The same message again: carry on, since an earlier attempt may have
+            # stopped half way; the inbox's unique key decides below.
         doc = {
             "_id": ObjectId(),
             "k": INBOX,
@@ -211,10 +251,15 @@ class MongoStore:
         if not await self._insert(inbox, doc):
             existing = await inbox.find_one({"k": INBOX, "mid": message_id, "from": sender})
             assert existing is not None, "a duplicate key implies the document exists"
-            return Message.from_doc(existing), False
-        message = Message.from_doc(doc)
-        await self._advance_receipt(message, MessageState.STORED, now)
-        return message, True
+            message = Message.from_doc(existing)
+            # Repairs a receipt left behind by an attempt that stopped half way.
+            await self._advance_receipt(message, message.state, message.state_at)
+            return _outcome(existing)
+        return Outcome(message_id, MessageState.STORED, now, Message.from_doc(doc))
+
+    @_guarded
+    async def confirm(self, message: Message) -> None:
+        await self._advance_receipt(message, MessageState.STORED, message.state_at)
 
     @_guarded
     async def find_inbox(self, owner: str, message_id: str, sender: str | None) -> list[Message]:
@@ -283,9 +328,17 @@ class MongoStore:
         name = collection_for(email)
         coll = self._db[name]
         if name not in self._indexed:
-            await coll.create_indexes(MESSAGE_INDEXES)
+            await coll.create_indexes(self._message_indexes)
             self._indexed.add(name)
         return coll
+
+
+def _outcome(doc: Document) -> Outcome:
+    """A resend's answer: the message's current state, from its inbox document or receipt."""
+    state = MessageState(doc["state"])
+    return Outcome(
+        doc["mid"], state, as_datetime(doc.get("at", {}).get(state.value, doc["sent_at"]))
+    )
 
 
 def _user(doc: Document | None, online: bool = False) -> User:
