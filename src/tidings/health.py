@@ -27,7 +27,7 @@ async def readyz(request: Request) -> Response:
         async with asyncio.timeout(services.settings.ready_timeout):
             await services.store.ping()
     except (StoreUnavailable, TimeoutError) as exc:
-        return _unready(f"database is not answering: {exc or 'timed out'}")
+        return _unready(f"database is not answering: {str(exc) or 'timed out'}")
     return JSONResponse({"status": "ready"})
 
 

@@ -121,8 +121,6 @@ class AckFrame(_Frame):
     ``from`` is optional; it is needed only when two senders used the same id.
     """
 
-    model_config = ConfigDict(populate_by_name=True)
-
     type: Literal["ack", "read"]
     id: MessageId
     sender: Email | None = Field(default=None, alias="from")

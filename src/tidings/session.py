@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -68,6 +69,9 @@ class Session:
         # While the backlog is read, live messages wait here to be joined to it.
         self._joining = False
         self._pending: list[Message] = []
+        # What the backlog sent: the feed may still bring some of it afterwards,
+        # since it was stored after the subscription opened but before the read.
+        self._streamed: set[tuple[str, str]] = set()
         self._pending_limit = queue_size * 4
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
@@ -87,7 +91,7 @@ class Session:
 
     def start(self) -> None:
         """Start the writer."""
-        self._spawn(self._write())
+        self._spawn(self._write)
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the client without waiting."""
@@ -100,6 +104,9 @@ class Session:
             else:
                 self._pending.append(message)
             return
+        if message.key in self._streamed:
+            self._streamed.discard(message.key)  # It comes once more at most.
+            return
         self._offer((encode(message.frame()), message))
 
     def notify(self, frame: dict[str, Any]) -> None:
@@ -109,9 +116,15 @@ class Session:
         """Become ``user``'s session: join the backlog to the live stream."""
         self.user = user
         self._since = since
+        # Joining starts before anything is awaited, so that a message the hub
+        # brings from now on waits in ``_pending`` to be joined to the backlog.
         self._hub.attach(user.email, self)
-        await self._store.set_presence(user.email, True)
         self._begin_stream()
+        try:
+            await self._store.set_presence(user.email, True)
+        except TidingsError as exc:
+            # Others see this user offline until the next refresh; nothing else suffers.
+            log.warning("presence_failed", extra={**self.log_fields, "error": str(exc)})
 
     def resync(self) -> None:
         if self.user is not None and not self._closing:
@@ -148,12 +161,13 @@ class Session:
             self._stream.cancel()
         self._joining = True
         self._pending.clear()
-        self._stream = self._spawn(self._join())
+        self._stream = self._spawn(self._join)
 
     async def _join(self) -> None:
         assert self.user is not None
         email = self.user.email
-        streamed: set[tuple[str, str]] = set()
+        await self._hub.ready(email)
+        self._streamed = streamed = set()
         after: ObjectId | None = None
         while True:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
@@ -167,7 +181,9 @@ class Session:
         log.info(event, extra={**self.log_fields, "count": len(streamed)})
         # No await from here on: the live stream takes over exactly where the backlog ends.
         for message in self._pending:
-            if message.key not in streamed:
+            if message.key in streamed:
+                streamed.discard(message.key)
+            else:
                 self._offer((encode(message.frame()), message))
         self._pending.clear()
         self._joining = False
@@ -203,22 +219,21 @@ class Session:
 
     def _overflow(self) -> None:
         log.warning("slow_consumer", extra={**self.log_fields, "queued": self._queue.qsize()})
-        self._spawn(
-            self.close(
-                CloseCode.POLICY_VIOLATION, "slow consumer: too many frames waiting to be sent"
-            )
-        )
         self._closing = True
+        reason = "slow consumer: too many frames waiting to be sent"
+        self._spawn(functools.partial(self.close, CloseCode.POLICY_VIOLATION, reason))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        # Takes a function, not a coroutine, so that a task cancelled before it
+        # starts leaves no never-awaited coroutine behind.
         task = asyncio.create_task(self._guard(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         try:
-            await work
+            await work()
         except asyncio.CancelledError:
             raise
         except TidingsError as exc:

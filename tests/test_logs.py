@@ -1,0 +1,100 @@
+"""JSON logs, one object a line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tidings.logs import configure_logging
+
+LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """configure_logging rewires the root and uvicorn loggers; put them back afterwards."""
+    saved = [
+        (
+            logging.getLogger(name),
+            logging.getLogger(name).handlers[:],
+            logging.getLogger(name).level,
+        )
+        for name in LOGGERS
+    ]
+    propagate = {name: logging.getLogger(name).propagate for name in LOGGERS}
+    yield
+    for logger, handlers, level in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+    for name, value in propagate.items():
+        logging.getLogger(name).propagate = value
+
+
+def lines(err: str) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in err.splitlines() if line.strip()]
+
+
+def test_one_json_object_per_line_with_the_standard_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    log = logging.getLogger("tidings.test")
+    log.info("message_stored", extra={"conn": "c1", "email": "a@b.io", "message_id": "m1"})
+    log.warning("slow_consumer", extra={"queued": 3})
+    records = lines(capsys.readouterr().err)
+    assert len(records) == 2
+    first, second = records
+    assert first["event"] == "message_stored"
+    assert first["level"] == "INFO"
+    assert first["logger"] == "tidings.test"
+    assert isinstance(first["time"], str)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", first["time"])
+    assert (first["conn"], first["email"], first["message_id"]) == ("c1", "a@b.io", "m1")
+    assert (second["event"], second["level"], second["queued"]) == ("slow_consumer", "WARNING", 3)
+    assert "message" not in first
+    assert "color_message" not in first
+
+
+def test_the_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("WARNING")
+    log = logging.getLogger("tidings.test")
+    log.info("hidden")
+    log.error("shown")
+    assert [r["event"] for r in lines(capsys.readouterr().err)] == ["shown"]
+    assert logging.getLogger().level == logging.WARNING
+
+
+def test_uvicorn_logs_go_through_the_root_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_error.addHandler(logging.StreamHandler())
+    uvicorn_error.propagate = False
+    configure_logging("INFO")
+    assert uvicorn_error.handlers == []
+    assert uvicorn_error.propagate is True
+    uvicorn_error.info("Started server process", extra={"color_message": "\x1b[1mStarted\x1b[0m"})
+    (record,) = lines(capsys.readouterr().err)
+    assert record["event"] == "Started server process"
+    assert record["logger"] == "uvicorn.error"
+    assert "color_message" not in record
+
+
+def test_exceptions_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("tidings.test").exception("crashed")
+    (record,) = lines(capsys.readouterr().err)
+    assert record["event"] == "crashed"
+    assert "ValueError: boom" in str(record["exc_info"])
+
+
+def test_configuring_twice_keeps_one_handler() -> None:
+    configure_logging("INFO")
+    configure_logging("DEBUG")
+    assert len(logging.getLogger().handlers) == 1
+    assert logging.getLogger().level == logging.DEBUG

@@ -1,0 +1,349 @@
+"""Wire protocol v1: frame parsing and validation, the state machine, server frames."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+
+from tidings.errors import ClientError, ErrorCode
+from tidings.protocol import (
+    AckFrame,
+    EmailFrame,
+    MessageState,
+    PingFrame,
+    SendFrame,
+    UserFrame,
+    advances,
+    earlier_than,
+    encode,
+    error_frame,
+    normalise_email,
+    parse_frame,
+    rfc3339,
+    state_frame,
+)
+
+S = MessageState
+ORDER = [S.RECEIVED, S.STORED, S.SENT, S.DELIVERED, S.READ]
+
+
+def frame(**fields: Any) -> str:
+    return orjson.dumps(fields).decode()
+
+
+def refused(data: str | bytes) -> ClientError:
+    with pytest.raises(ClientError) as info:
+        parse_frame(data)
+    return info.value
+
+
+# --- every frame type -------------------------------------------------------------------
+
+
+def test_email_frame_is_parsed_and_the_email_normalised() -> None:
+    parsed = parse_frame(frame(type="#email", email="  Alice@Example.COM "))
+    assert parsed == EmailFrame(type="#email", email="alice@example.com", since=None)
+
+
+def test_email_frame_carries_since() -> None:
+    parsed = parse_frame(frame(type="#email", email="a@b.io", since="m-1_X"))
+    assert isinstance(parsed, EmailFrame)
+    assert parsed.since == "m-1_X"
+
+
+def test_ping_frame_with_and_without_ts() -> None:
+    assert parse_frame(frame(type="#ping")) == PingFrame(type="#ping", ts=None)
+    parsed = parse_frame(frame(type="#ping", ts={"n": [1, 2]}))
+    assert isinstance(parsed, PingFrame)
+    assert parsed.ts == {"n": [1, 2]}
+
+
+def test_user_frame() -> None:
+    assert parse_frame(frame(type="#user", email="BOB@x.io")) == UserFrame(
+        type="#user", email="bob@x.io"
+    )
+
+
+def test_send_frame_with_and_without_id() -> None:
+    parsed = parse_frame(frame(type="message", to="Bob@X.io", content="hi"))
+    assert parsed == SendFrame(type="message", to="bob@x.io", content="hi", id=None)
+    parsed = parse_frame(frame(type="message", to="bob@x.io", content="hi", id="abc"))
+    assert isinstance(parsed, SendFrame)
+    assert parsed.id == "abc"
+
+
+@pytest.mark.parametrize("kind", ["ack", "read"])
+def test_ack_and_read_frames(kind: str) -> None:
+    parsed = parse_frame(frame(type=kind, id="m1"))
+    assert isinstance(parsed, AckFrame)
+    assert (parsed.type, parsed.id, parsed.sender) == (kind, "m1", None)
+
+
+def test_ack_frame_from_is_the_sender_normalised() -> None:
+    parsed = parse_frame(frame(type="ack", id="m1", **{"from": " Alice@Example.com"}))
+    assert isinstance(parsed, AckFrame)
+    assert parsed.sender == "alice@example.com"
+
+
+def test_unknown_fields_are_ignored() -> None:
+    parsed = parse_frame(frame(type="#ping", ts=1, future="field"))
+    assert parsed == PingFrame(type="#ping", ts=1)
+
+
+def test_frames_are_immutable() -> None:
+    parsed = parse_frame(frame(type="#ping"))
+    assert isinstance(parsed, PingFrame)
+    with pytest.raises(ValueError, match="frozen"):
+        parsed.ts = 2
+    assert parsed.ts is None
+
+
+# --- error paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", ["", "{", "not json", '{"type": "#ping",}', "{'a': 1}"])
+def test_bad_json(data: str) -> None:
+    error = refused(data)
+    assert error.code is ErrorCode.BAD_JSON
+    assert error.message.startswith("frame is not valid JSON")
+    assert error.ref is None
+
+
+def test_binary_frames_are_invalid() -> None:
+    error = refused(b'{"type":"#ping"}')
+    assert error.code is ErrorCode.INVALID
+    assert "binary" in error.message
+
+
+@pytest.mark.parametrize("data", ["[]", '["#ping"]', "1", '"#ping"', "null", "true"])
+def test_non_object_is_invalid(data: str) -> None:
+    error = refused(data)
+    assert error.code is ErrorCode.INVALID
+    assert "JSON object" in error.message
+    assert error.ref is None
+
+
+@pytest.mark.parametrize("data", ["{}", '{"email": "a@b.io"}', '{"type": null}', '{"type": 1}'])
+def test_missing_or_non_string_type_is_invalid(data: str) -> None:
+    error = refused(data)
+    assert error.code is ErrorCode.INVALID
+    assert "'type'" in error.message
+    assert error.ref is None
+
+
+@pytest.mark.parametrize("kind", ["", "#pong", "MESSAGE", "state", "email"])
+def test_unknown_type(kind: str) -> None:
+    error = refused(frame(type=kind))
+    assert error.code is ErrorCode.UNKNOWN_TYPE
+    assert error.ref == kind
+    # The message lists the types the server knows.
+    for known in ("#email", "#ping", "#user", "ack", "message", "read"):
+        assert known in error.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"type": "#email", "email": 5}, "email"),
+        ({"type": "#email", "email": "a@b.io", "since": 7}, "since"),
+        ({"type": "#user", "email": ["a@b.io"]}, "email"),
+        ({"type": "message", "to": "a@b.io", "content": 5}, "content"),
+        ({"type": "message", "to": "a@b.io", "content": "x", "id": 12}, "id"),
+        ({"type": "message", "to": None, "content": "x"}, "to"),
+        ({"type": "ack", "id": 1}, "id"),
+        ({"type": "read", "id": "m1", "from": 3}, "from"),
+    ],
+)
+def test_wrong_field_types_are_not_coerced(fields: dict[str, Any], field: str) -> None:
+    error = refused(orjson.dumps(fields).decode())
+    assert error.code is ErrorCode.INVALID
+    assert f"'{field}'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"type": "#email"}, "email"),
+        ({"type": "#user"}, "email"),
+        ({"type": "message", "content": "x"}, "to"),
+        ({"type": "message", "to": "a@b.io"}, "content"),
+        ({"type": "ack"}, "id"),
+    ],
+)
+def test_missing_required_fields(fields: dict[str, Any], field: str) -> None:
+    error = refused(orjson.dumps(fields).decode())
+    assert error.code is ErrorCode.INVALID
+    assert f"'{field}'" in error.message
+
+
+def test_empty_content_is_invalid() -> None:
+    error = refused(frame(type="message", to="a@b.io", content=""))
+    assert error.code is ErrorCode.INVALID
+    assert "'content'" in error.message
+
+
+@pytest.mark.parametrize("bad_id", ["", "a" * 65, "has space", "dot.ted", "slash/", "é", "a\n"])
+def test_invalid_ids(bad_id: str) -> None:
+    error = refused(frame(type="ack", id=bad_id))
+    assert error.code is ErrorCode.INVALID
+    assert error.message == "'id': must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+
+
+@pytest.mark.parametrize("good_id", ["a", "A" * 64, "0-9_az-AZ"])
+def test_valid_ids(good_id: str) -> None:
+    parsed = parse_frame(frame(type="read", id=good_id))
+    assert isinstance(parsed, AckFrame)
+    assert parsed.id == good_id
+
+
+@pytest.mark.parametrize(
+    "bad_email",
+    [
+        "",
+        "plain",
+        "@example.com",
+        "name@",
+        "a@b@c",
+        "a b@c.d",
+        "a@b\tc",
+        "a\x00@b.c",
+        "a@" + "b" * 253,
+    ],
+)
+def test_invalid_emails(bad_email: str) -> None:
+    error = refused(frame(type="#email", email=bad_email))
+    assert error.code is ErrorCode.INVALID
+    assert error.message == "'email': must be an e-mail address like name@example.com"
+    with pytest.raises(ValueError, match="e-mail address"):
+        normalise_email(bad_email)
+
+
+def test_email_normalisation() -> None:
+    assert normalise_email("  MiXed.Case+tag@Example.ORG\n") == "mixed.case+tag@example.org"
+    longest = "a@" + "b" * 252
+    assert normalise_email(longest.upper()) == longest
+
+
+def test_invalid_send_frame_refers_to_its_id() -> None:
+    error = refused(frame(type="message", to="nobody", content="hi", id="m-7"))
+    assert error.code is ErrorCode.INVALID
+    assert error.ref == "m-7"
+
+
+@pytest.mark.parametrize("bad_id", [7, "not valid!", None])
+def test_error_ref_falls_back_to_the_type_without_a_usable_id(bad_id: object) -> None:
+    error = refused(
+        orjson.dumps({"type": "message", "to": "x", "content": "", "id": bad_id}).decode()
+    )
+    assert error.code is ErrorCode.INVALID
+    assert error.ref == "message"
+
+
+def test_several_problems_are_all_described() -> None:
+    error = refused(frame(type="message", to="nobody", content=""))
+    assert "'to'" in error.message
+    assert "'content'" in error.message
+    assert "; " in error.message
+    assert "Value error" not in error.message
+
+
+# --- the state machine ------------------------------------------------------------------
+
+
+def expected_advance(current: MessageState, new: MessageState) -> bool:
+    if current is S.FAILED:
+        return False
+    if new is S.FAILED:
+        return current is S.RECEIVED
+    return ORDER.index(new) > ORDER.index(current)
+
+
+@pytest.mark.parametrize(("current", "new"), list(itertools.product(S, S)))
+def test_advances_over_every_pair(current: MessageState, new: MessageState) -> None:
+    assert advances(current, new) is expected_advance(current, new)
+
+
+def test_advances_spot_checks() -> None:
+    assert advances(S.RECEIVED, S.STORED)
+    assert advances(S.STORED, S.READ)
+    assert not advances(S.SENT, S.SENT)
+    assert not advances(S.READ, S.DELIVERED)
+    assert advances(S.RECEIVED, S.FAILED)
+    assert not advances(S.STORED, S.FAILED)
+    assert not advances(S.FAILED, S.READ)
+
+
+@pytest.mark.parametrize("state", list(S))
+def test_earlier_than_every_state(state: MessageState) -> None:
+    expected = [s.value for s in ORDER if s is not S.RECEIVED and expected_advance(s, state)]
+    assert earlier_than(state) == expected
+
+
+def test_earlier_than_values() -> None:
+    assert earlier_than(S.RECEIVED) == []
+    assert earlier_than(S.STORED) == []
+    assert earlier_than(S.SENT) == ["stored"]
+    assert earlier_than(S.DELIVERED) == ["stored", "sent"]
+    assert earlier_than(S.READ) == ["stored", "sent", "delivered"]
+    assert earlier_than(S.FAILED) == []
+
+
+# --- server frames ----------------------------------------------------------------------
+
+
+def test_rfc3339_naive_is_taken_as_utc() -> None:
+    assert rfc3339(datetime(2026, 5, 14, 12, 30, 1, 123456)) == "2026-05-14T12:30:01.123Z"
+
+
+def test_rfc3339_aware_is_converted_to_utc() -> None:
+    cest = timezone(timedelta(hours=2))
+    assert rfc3339(datetime(2026, 5, 14, 14, 30, 1, 5000, tzinfo=cest)) == (
+        "2026-05-14T12:30:01.005Z"
+    )
+    assert rfc3339(datetime(2026, 1, 1, tzinfo=UTC)) == "2026-01-01T00:00:00.000Z"
+
+
+def test_state_frame_without_failure() -> None:
+    moment = datetime(2026, 1, 1, 0, 0, 0, 250000, tzinfo=UTC)
+    assert state_frame("m1", S.SENT, moment) == {
+        "type": "state",
+        "id": "m1",
+        "state": "sent",
+        "at": "2026-01-01T00:00:00.250Z",
+    }
+    # code and reason only belong to ``failed``
+    assert "code" not in state_frame("m1", S.STORED, moment, "not_found", "why")
+
+
+def test_state_frame_failed_carries_code_and_reason() -> None:
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    frame_ = state_frame("m1", S.FAILED, moment, "not_found", "no user x@y.z")
+    assert frame_["state"] == "failed"
+    assert (frame_["code"], frame_["reason"]) == ("not_found", "no user x@y.z")
+
+
+def test_state_frame_failed_has_defaults() -> None:
+    frame_ = state_frame("m1", S.FAILED, datetime(2026, 1, 1, tzinfo=UTC))
+    assert frame_["code"] == "internal"
+    assert frame_["reason"] == "the message could not be stored"
+
+
+def test_error_frame() -> None:
+    assert error_frame(ErrorCode.NOT_FOUND, "no such thing", "m1") == {
+        "type": "error",
+        "code": "not_found",
+        "message": "no such thing",
+        "ref": "m1",
+    }
+    assert error_frame(ErrorCode.BAD_JSON, "bad")["ref"] is None
+
+
+def test_encode_is_compact_json_text() -> None:
+    text = encode({"type": "#pong", "ts": None, "n": "é"})
+    assert isinstance(text, str)
+    assert orjson.loads(text) == {"type": "#pong", "ts": None, "n": "é"}
+    assert " " not in text
