@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from tests.helpers import serve
+from tests.mongo import REAL_MONGODB_URI, NxServer
 from tidings.config import Settings
 
 
@@ -25,8 +27,38 @@ def settings() -> Settings:
     return Settings(dev=True)
 
 
+@pytest.fixture(scope="session")
+def nx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
+    """One nx-27017 server for the session; each test uses a database of its own."""
+    server = NxServer(tmp_path_factory.mktemp("nx"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["embedded", "nx-27017", "mongodb"])
+def backend(request: pytest.FixtureRequest) -> Settings:
+    """Dev-mode settings on each store the suite runs against.
+
+    nx-27017 cannot watch a database, so it runs in ``collection`` scope; a real
+    replica set (opt-in through TIDINGS_TEST_MONGODB_URI) runs the default
+    ``database`` scope.
+    """
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    if request.param == "embedded":
+        return Settings(dev=True)
+    if request.param == "nx-27017":
+        nx: NxServer = request.getfixturevalue("nx")
+        return Settings(
+            dev=True, mongodb_uri=nx.uri, database=database, change_stream_scope="collection"
+        )
+    if REAL_MONGODB_URI is None:
+        pytest.skip("set TIDINGS_TEST_MONGODB_URI to a replica set to run against MongoDB")
+    return Settings(dev=True, mongodb_uri=REAL_MONGODB_URI, database=database)
+
+
 @pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[str]:
-    """A real uvicorn server running the app; its ``ws://`` URL."""
-    async with serve(settings) as url:
+async def server(backend: Settings) -> AsyncIterator[str]:
+    """A real uvicorn server running the app on each backend; its ``ws://`` URL."""
+    async with serve(backend) as url:
         yield url

@@ -10,14 +10,15 @@ from contextlib import asynccontextmanager
 from typing import cast
 
 from mongomock_motor import AsyncMongoMockClient
-from pymongo.asynchronous.database import AsyncDatabase
+from pymongo import AsyncMongoClient
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
 from tidings.auth import build_authenticator
+from tidings.changestream import MongoChangeFeed
 from tidings.config import Settings
 from tidings.endpoint import TidingsEndpoint
-from tidings.feed import MemoryFeed
+from tidings.feed import ChangeFeed, MemoryFeed
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
@@ -34,34 +35,34 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        feed = MemoryFeed()
-        store = _embedded_store(settings, feed)
-        await store.start()
-        hub = Hub(feed)
-        services = Services(
-            settings=settings,
-            store=store,
-            feed=feed,
-            hub=hub,
-            handlers=Handlers(store, settings.max_content_chars),
-            authenticator=authenticator,
-        )
-        app.state.services = services
-        tasks = [
-            asyncio.create_task(feed.run(hub.dispatch), name="change-feed"),
-            asyncio.create_task(_keep_presence(services), name="presence"),
-        ]
-        log.info("started", extra={"store": "embedded" if settings.embedded else "mongodb"})
-        try:
-            yield
-        finally:
-            services.draining = True
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            log.info("stopped")
+        async with _backend(settings) as (store, feed):
+            await store.start()
+            hub = Hub(feed)
+            services = Services(
+                settings=settings,
+                store=store,
+                feed=feed,
+                hub=hub,
+                handlers=Handlers(store, settings.max_content_chars),
+                authenticator=authenticator,
+            )
+            app.state.services = services
+            tasks = [
+                asyncio.create_task(feed.run(hub.dispatch), name="change-feed"),
+                asyncio.create_task(_keep_presence(services), name="presence"),
+            ]
+            log.info("started", extra={"store": "embedded" if settings.embedded else "mongodb"})
+            try:
+                yield
+            finally:
+                services.draining = True
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await store.close()
+                log.info("stopped")
 
     return Starlette(
         routes=[
@@ -73,18 +74,35 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-def _embedded_store(settings: Settings, feed: MemoryFeed) -> MongoStore:
-    log.warning(
-        "embedded_store",
-        extra={
-            "detail": "TIDINGS_MONGODB_URI is not set: messages live in memory and are "
-            "LOST when the process exits. Set it for anything but a trial."
-        },
+@asynccontextmanager
+async def _backend(settings: Settings) -> AsyncIterator[tuple[MongoStore, ChangeFeed]]:
+    """The store and feed the settings ask for, open for the app's lifetime."""
+    if settings.mongodb_uri is None:
+        log.warning(
+            "embedded_store",
+            extra={
+                "detail": "TIDINGS_MONGODB_URI is not set: messages live in memory and are "
+                "LOST when the process exits. Set it for anything but a trial."
+            },
+        )
+        memory = MemoryFeed()
+        # mongomock-motor mirrors the collection API of PyMongo's AsyncDatabase,
+        # which is all MongoStore uses.
+        mock = cast("AsyncMongoClient[Document]", AsyncMongoMockClient(tz_aware=True))
+        yield MongoStore(mock[settings.database], on_change=memory.publish), memory
+        return
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        settings.mongodb_uri,
+        tz_aware=True,
+        appname="tidings",
+        serverSelectionTimeoutMS=int(settings.mongodb_timeout * 1000),
     )
-    # mongomock-motor mirrors the collection API of PyMongo's AsyncDatabase,
-    # which is all MongoStore uses.
-    db = cast("AsyncDatabase[Document]", AsyncMongoMockClient(tz_aware=True)[settings.database])
-    return MongoStore(db, on_change=feed.publish)
+    try:
+        db = client[settings.database]
+        feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
+        yield MongoStore(db), feed
+    finally:
+        await client.close()
 
 
 async def _keep_presence(services: Services) -> None:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_content_chars: PositiveInt = 16384
     # Backlog documents read from the store per round trip.
     backlog_batch: PositiveInt = 200
+    # How long a database operation waits for a server to be selected; a
+    # message that cannot be stored within it fails and may be sent again.
+    mongodb_timeout: PositiveFloat = 5.0
     # How long /readyz waits for the database before calling it down.
     ready_timeout: PositiveFloat = 2.0
     # How long a closing connection may take to flush before it is dropped.

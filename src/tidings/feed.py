@@ -32,6 +32,9 @@ class ChangeFeed(Protocol):
     def unwatch(self, collection: str) -> None:
         """No session on this process needs ``collection``'s changes any more."""
 
+    async def ready(self, collection: str) -> None:
+        """Wait until changes to ``collection`` made from now on will be delivered."""
+
 
 class MemoryFeed:
     """The feed of the embedded store, which reports its own writes to ``publish``.
@@ -63,4 +66,7 @@ class MemoryFeed:
         pass
 
     def unwatch(self, collection: str) -> None:
+        pass
+
+    async def ready(self, collection: str) -> None:
         pass

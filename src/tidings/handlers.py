@@ -104,14 +104,18 @@ class Handlers:
         message_id = frame.id or secrets.token_urlsafe(16)
         fields = {**session.log_fields, "message_id": message_id}
         session.push(state_frame(message_id, MessageState.RECEIVED, utcnow()))
-        recipient = await self._store.find_user(frame.to)
-        if recipient is None:
-            self._fail(session, message_id, ErrorCode.NOT_FOUND, f"no user {frame.to}")
-            return
         try:
+            recipient = await self._store.find_user(frame.to)
+            if recipient is None:
+                self._fail(session, message_id, ErrorCode.NOT_FOUND, f"no user {frame.to}")
+                return
             outcome = await self._store.send(
                 sender.email, recipient, message_id, frame.content, session.conn_id
             )
+        except ClientError as exc:
+            # Refused by the store, such as an id still on its way to someone else.
+            self._fail(session, message_id, exc.code, exc.message)
+            return
         except StoreUnavailable as exc:
             log.warning("store_failed", extra={**fields, "error": str(exc)})
             self._fail(

@@ -7,7 +7,16 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from tidings.feed import ChangeFeed
-from tidings.models import INBOX, OUTBOX, Change, FeedEvent, Message, Resync, collection_for
+from tidings.models import (
+    INBOX,
+    OUTBOX,
+    Change,
+    FeedEvent,
+    Message,
+    Resync,
+    as_datetime,
+    collection_for,
+)
 from tidings.protocol import MessageState, state_frame
 
 log = logging.getLogger("tidings.hub")
@@ -63,6 +72,10 @@ class Hub:
         self._feed.unwatch(collection_for(email))
         return True
 
+    async def ready(self, email: str) -> None:
+        """Wait until the feed delivers every change to ``email``'s collection from now on."""
+        await self._feed.ready(collection_for(email))
+
     def online(self) -> list[str]:
         """The e-mails with at least one session on this process."""
         return list(self._sessions)
@@ -70,10 +83,11 @@ class Hub:
     def dispatch(self, event: FeedEvent) -> None:
         """Hand one feed event to the sessions it concerns."""
         if isinstance(event, Resync):
-            log.warning("resync", extra={"reason": event.reason})
-            for sessions in list(self._sessions.values()):
-                for session in list(sessions):
-                    session.resync()
+            log.warning("resync", extra={"reason": event.reason, "stream": event.collection})
+            for email, sessions in list(self._sessions.items()):
+                if event.collection in (None, collection_for(email)):
+                    for session in list(sessions):
+                        session.resync()
             return
         self._route(event)
 
@@ -89,7 +103,7 @@ class Hub:
 
     def _state_changed(self, doc: Mapping[str, Any]) -> None:
         state = MessageState(doc["state"])
-        frame = state_frame(doc["mid"], state, doc["at"][state.value])
+        frame = state_frame(doc["mid"], state, as_datetime(doc["at"][state.value]))
         # The connection that sent the message was answered ``stored`` directly.
         origin = doc.get("conn") if state is MessageState.STORED else None
         for session in list(self._sessions.get(doc["from"], ())):

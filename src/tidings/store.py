@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from tidings.errors import ClientError, ErrorCode, StoreUnavailable
+from tidings.groupcommit import GroupCommit
 from tidings.models import (
     INBOX,
     OUTBOX,
@@ -145,6 +146,7 @@ class MongoStore:
         self._process = uuid.uuid4().hex
         self._indexed: set[str] = set()
         self._message_indexes = [SENDER_ID_INDEX, BACKLOG_INDEX]
+        self._group = GroupCommit()
 
     @_guarded
     async def start(self) -> None:
@@ -157,6 +159,10 @@ class MongoStore:
                 IndexModel([("email", ASCENDING), ("expires_at", ASCENDING)], name="email"),
             ]
         )
+
+    async def close(self) -> None:
+        """Stop the group-commit writers; inserts still waiting fail."""
+        await self._group.close()
 
     async def _is_nx_27017(self) -> bool:
         try:
@@ -204,7 +210,7 @@ class MongoStore:
                 "process": self._process,
                 "expires_at": utcnow() + PRESENCE_TTL,
             }
-            await self._db[PRESENCE].replace_one(key, fields, upsert=True)
+            await self._db[PRESENCE].update_one(key, {"$set": fields}, upsert=True)
         else:
             await self._db[PRESENCE].delete_one(key)
 
@@ -313,9 +319,7 @@ class MongoStore:
 
     async def _insert(self, coll: AsyncCollection[Document], doc: Document) -> bool:
         """Insert ``doc``; ``False`` when a document with its key is already there."""
-        try:
-            await coll.insert_one(doc)
-        except DuplicateKeyError:
+        if not await self._group.insert(coll, doc):
             return False
         self._report("insert", doc)
         return True

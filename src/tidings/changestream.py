@@ -1,0 +1,285 @@
+"""The MongoDB change-stream feed: one stream per process, resumed across failures.
+
+``database`` scope follows one database-level stream filtered to the message
+collections, whatever the number of users. ``collection`` scope, for servers
+that cannot watch a database, follows one stream per message collection that
+has a session on this process.
+
+Each stream keeps its latest resume token. A resumable error reopens it from
+that token after a capped, jittered exponential backoff, so nothing is missed.
+When the token is no good any more (history lost, invalidate) the stream starts
+again from now and a ``Resync`` makes the affected sessions re-read their
+backlog from the store, so nothing is lost either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from bson import ObjectId
+from pymongo.errors import OperationFailure, PyMongoError
+
+from tidings.feed import Sink
+from tidings.models import Change, FeedEvent, Resync
+
+log = logging.getLogger("tidings.changestream")
+
+# Errors after which a resume token cannot be used again (MongoDB error codes):
+# ChangeStreamFatalError, InvalidResumeToken, ChangeStreamHistoryLost.
+RESTART_CODES = frozenset({280, 260, 286})
+WATCHED_OPERATIONS = ["insert", "update", "replace", "invalidate"]
+ENDING_OPERATIONS = frozenset({"invalidate", "drop", "dropDatabase", "rename"})
+
+
+class ChangeStream(Protocol):
+    """The part of PyMongo's ``AsyncChangeStream`` the feed uses."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def resume_token(self) -> Mapping[str, Any] | None: ...
+
+    async def try_next(self) -> Mapping[str, Any] | None: ...
+
+    async def close(self) -> None: ...
+
+
+class Watchable(Protocol):
+    """A database or collection: what ``watch`` is called on."""
+
+    async def watch(
+        self,
+        pipeline: list[dict[str, Any]],
+        *,
+        full_document: str,
+        resume_after: Mapping[str, Any] | None,
+        max_await_time_ms: int,
+    ) -> ChangeStream: ...
+
+
+@dataclass(eq=False)
+class _Follower:
+    """One stream's task and what sessions wait on before reading their backlog."""
+
+    name: str | None  # the collection, or None for the database stream
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    healthy: bool = False
+    task: asyncio.Task[None] | None = None
+    # Where to resume; None starts from now.
+    token: Mapping[str, Any] | None = None
+    # Failed attempts in a row, for the backoff.
+    failures: int = 0
+    # Why the stream restarted from now, until the sessions are told to resync.
+    resync: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How logs name this stream."""
+        return self.name or "*"
+
+
+class MongoChangeFeed:
+    """``ChangeFeed`` on MongoDB change streams."""
+
+    def __init__(
+        self,
+        db: Watchable,
+        collection: Callable[[str], Watchable],
+        scope: Literal["database", "collection"],
+        *,
+        max_await_ms: int = 1000,
+        idle_pause: float = 0.05,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 10.0,
+        jitter: Callable[[float], float] | None = None,
+    ) -> None:
+        self._db = db
+        self._collection = collection
+        self._scope = scope
+        self._max_await_ms = max_await_ms
+        self._idle_pause = idle_pause
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        # Full jitter: a uniformly random wait up to the capped exponential one.
+        self._jitter = jitter or (lambda ceiling: random.uniform(0, ceiling))  # noqa: S311
+        self._sink: Sink | None = None
+        self._followers: dict[str | None, _Follower] = {}
+        if scope == "database":
+            self._followers[None] = _Follower(None)
+        self._active = False
+
+    @property
+    def running(self) -> bool:
+        return self._active and all(f.healthy for f in self._followers.values())
+
+    async def run(self, sink: Sink) -> None:
+        self._sink = sink
+        self._active = True
+        try:
+            for follower in list(self._followers.values()):
+                self._start(follower)
+            await asyncio.Event().wait()  # The followers do the work until cancelled.
+        finally:
+            self._active = False
+            followers = list(self._followers.values())
+            for follower in followers:
+                if follower.task is not None:
+                    follower.task.cancel()
+            for follower in followers:
+                if follower.task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await follower.task
+
+    def watch(self, collection: str) -> None:
+        if self._scope == "collection" and collection not in self._followers:
+            follower = _Follower(collection)
+            self._followers[collection] = follower
+            if self._active:
+                self._start(follower)
+
+    def unwatch(self, collection: str) -> None:
+        follower = self._followers.pop(collection, None) if self._scope == "collection" else None
+        if follower is not None and follower.task is not None:
+            follower.task.cancel()
+
+    async def ready(self, collection: str) -> None:
+        """Wait until changes to ``collection`` made from now on will be delivered."""
+        key = collection if self._scope == "collection" else None
+        follower = self._followers.get(key)
+        if follower is not None:
+            await follower.opened.wait()
+
+    def _start(self, follower: _Follower) -> None:
+        follower.task = asyncio.create_task(self._follow(follower), name=f"feed:{follower.label}")
+
+    async def _follow(self, follower: _Follower) -> None:
+        target = self._db if follower.name is None else self._collection(follower.name)
+        while True:
+            try:
+                reason = await self._follow_once(target, follower)
+            except OperationFailure as exc:
+                # A restart from now that fails the same way again is backed off,
+                # so a server that keeps refusing is not asked in a tight loop.
+                if exc.code not in RESTART_CODES or follower.resync is not None:
+                    await self._back_off(follower, exc)
+                    continue
+                reason = f"resume token unusable: {exc.code} {exc}"
+            except PyMongoError as exc:
+                await self._back_off(follower, exc)
+                continue
+            follower.healthy = False
+            follower.token, follower.resync = None, reason
+            log.warning("feed_restarted", extra={"stream": follower.label, "reason": reason})
+
+    async def _follow_once(self, target: Watchable, follower: _Follower) -> str:
+        """Open a stream and deliver its changes; why it ended, when it ends for good."""
+        stream = await target.watch(
+            self._pipeline(follower),
+            full_document="updateLookup",
+            resume_after=follower.token,
+            max_await_time_ms=self._max_await_ms,
+        )
+        try:
+            follower.healthy = True
+            follower.opened.set()
+            if follower.failures:
+                log.info("feed_resumed", extra={"stream": follower.label})
+            follower.failures = 0
+            if follower.resync is not None:
+                # Only now, with the new stream open, can a backlog read miss nothing.
+                self._emit(Resync(follower.resync, follower.name))
+                follower.resync = None
+            return await self._drain(stream, follower)
+        finally:
+            await stream.close()
+
+    async def _drain(self, stream: ChangeStream, follower: _Follower) -> str:
+        """Deliver changes, keeping the resume token, until the stream ends for good."""
+        while True:
+            change = await stream.try_next()
+            # Updated after every getMore, idle ones included (postBatchResumeToken).
+            follower.token = stream.resume_token or follower.token
+            if change is None:
+                if not stream.alive:
+                    return "the change stream was invalidated"
+                # Real servers already waited max_await_ms on the server; the pause
+                # keeps a stand-in that answers at once (nx-27017) from busy-polling.
+                await asyncio.sleep(self._idle_pause)
+                continue
+            operation = change.get("operationType")
+            if operation in ENDING_OPERATIONS:
+                return f"the change stream ended: {operation}"
+            event = decode(change)
+            if event is not None:
+                self._emit(event)
+
+    async def _back_off(self, follower: _Follower, exc: PyMongoError) -> None:
+        follower.healthy = False
+        exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
+        delay = self._jitter(min(self._backoff_cap, self._backoff_base * 2**exponent))
+        follower.failures += 1
+        log.warning(
+            "feed_interrupted",
+            extra={"stream": follower.label, "error": str(exc), "retry_in": round(delay, 3)},
+        )
+        await asyncio.sleep(delay)
+
+    def _pipeline(self, follower: _Follower) -> list[dict[str, Any]]:
+        match: dict[str, Any] = {"operationType": {"$in": WATCHED_OPERATIONS}}
+        if follower.name is None:
+            match = {
+                "$or": [{"operationType": "invalidate"}, {**match, "ns.coll": {"$regex": "^m_"}}]
+            }
+        return [{"$match": match}]
+
+    def _emit(self, event: FeedEvent) -> None:
+        assert self._sink is not None, "followers run only under run()"
+        try:
+            self._sink(event)
+        except Exception:
+            # One event the hub cannot route must not stop delivery of the rest.
+            log.exception("feed_event_failed", extra={"event_type": type(event).__name__})
+
+
+def decode(change: Mapping[str, Any]) -> Change | None:
+    """A change-stream event as a ``Change``; ``None`` for events the hub has no use for."""
+    operation = change.get("operationType")
+    doc = change.get("fullDocument")
+    if operation not in ("insert", "update", "replace") or doc is None:
+        return None  # An update whose document is gone by lookup time has no one to tell.
+    doc = _typed(doc)
+    if operation == "insert":
+        return Change("insert", doc)
+    # updateLookup may return a later version; the state this write set is in
+    # updatedFields. (nx-27017 sends no updateDescription; its fullDocument is
+    # the document as that write left it.)
+    updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
+    if "state" in updated:
+        doc = {**doc, "state": updated["state"]}
+    return Change("update", doc)
+
+
+def _typed(value: Any) -> Any:
+    """Undo nx-27017's encoding of ``fullDocument``; a no-op on MongoDB's BSON.
+
+    nx-27017 sends change-stream documents in NeoSQLite's JSON encoding rather
+    than BSON: ObjectIds as ``{"__neosqlite_objectid__": true, "id": HEX}`` and
+    dates as ``{"$date": ISO}``. This is the one place that knows.
+    """
+    if isinstance(value, dict):
+        if value.get("__neosqlite_objectid__") is True:
+            return ObjectId(value["id"])
+        if set(value) == {"$date"} and isinstance(value["$date"], str):
+            return datetime.fromisoformat(value["$date"])
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    return value
