@@ -220,6 +220,8 @@ class MongoChangeFeed:
             event = decode(change)
             if event is not None:
                 self._emit(event)
+            # try_next() does not yield within a batch; let the writers drain.
+            await asyncio.sleep(0)
 
     async def _back_off(self, follower: _Follower, exc: PyMongoError) -> None:
         follower.healthy = False

@@ -59,6 +59,9 @@ class MemoryFeed:
         try:
             while True:
                 sink(await self._changes.get())
+                # get() does not yield while changes are queued; yielding here lets
+                # the writers drain their queues between events, not after a burst.
+                await asyncio.sleep(0)
         finally:
             self._running = False
 
