@@ -12,9 +12,10 @@ from pymongo.errors import AutoReconnect, DuplicateKeyError, ServerSelectionTime
 
 from tests.fakes import ALICE, BOB, CAROL, mock_db
 from tidings.errors import ClientError, ErrorCode, StoreUnavailable
-from tidings.models import INBOX, OUTBOX, Change, Message, User, collection_for
+from tidings.models import INBOX, OUTBOX, Change, Message, User, collection_for, utcnow
+from tidings.presence import PRESENCE_TTL
 from tidings.protocol import MessageState
-from tidings.store import PRESENCE, PRESENCE_TTL, USERS, Document, MongoStore, utcnow
+from tidings.store import PRESENCE, USERS, Document, MongoStore
 
 S = MessageState
 
@@ -183,6 +184,7 @@ async def test_refresh_presence_extends_only_this_process_and_these_emails(
 ) -> None:
     mine, theirs = MongoStore(db), MongoStore(db)
     await mine.set_presence(ALICE, True)
+    my_process = (await db[PRESENCE].find_one({"email": ALICE}) or {})["process"]
     await mine.set_presence(BOB, True)
     await theirs.set_presence(ALICE, True)
     stale = utcnow() - timedelta(seconds=1)
@@ -191,10 +193,27 @@ async def test_refresh_presence_extends_only_this_process_and_these_emails(
     await mine.refresh_presence([ALICE])
 
     docs = await db[PRESENCE].find({}).to_list(None)
-    fresh = {(d["process"] == mine._process, d["email"]) for d in docs if d["expires_at"] > stale}
+    fresh = {(d["process"] == my_process, d["email"]) for d in docs if d["expires_at"] > stale}
     assert fresh == {(True, ALICE)}
     refreshed = next(d for d in docs if d["expires_at"] > stale)
     assert refreshed["expires_at"] > utcnow() + PRESENCE_TTL - timedelta(seconds=30)
+
+
+async def test_refresh_presence_recreates_a_record_a_failed_write_left_out(
+    store: MongoStore, db: AsyncDatabase[Document]
+) -> None:
+    await store.ensure_user(ALICE)
+    await store.refresh_presence([ALICE])
+    user = await store.find_user(ALICE)
+    assert user is not None
+    assert user.online is True
+
+
+async def test_refresh_presence_of_nobody_writes_nothing(
+    store: MongoStore, db: AsyncDatabase[Document]
+) -> None:
+    await store.refresh_presence([])
+    assert await db[PRESENCE].count_documents({}) == 0
 
 
 # --- send -------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from tidings.feed import ChangeFeed, MemoryFeed
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
+from tidings.presence import PRESENCE_TTL
 from tidings.services import Services
-from tidings.store import PRESENCE_TTL, Document, MongoStore
+from tidings.store import Document, MongoStore
 
 log = logging.getLogger("tidings.app")
 

@@ -9,7 +9,7 @@ from typing import Protocol
 from bson import ObjectId
 
 from tidings.errors import ClientError, ErrorCode, StoreUnavailable
-from tidings.models import Message, User
+from tidings.models import Message, User, utcnow
 from tidings.protocol import (
     AckFrame,
     ClientFrame,
@@ -21,7 +21,7 @@ from tidings.protocol import (
     state_frame,
 )
 from tidings.session import Session
-from tidings.store import Store, utcnow
+from tidings.store import Store
 
 log = logging.getLogger("tidings.handlers")
 

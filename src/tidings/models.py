@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from bson import ObjectId
@@ -24,6 +24,12 @@ def collection_for(email: str) -> str:
     has a fixed length, and two e-mails never share a collection.
     """
     return "m_" + hashlib.sha256(email.encode()).hexdigest()
+
+
+def utcnow() -> datetime:
+    """Now, truncated to the millisecond precision that BSON dates keep."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def as_datetime(value: datetime | str) -> datetime:

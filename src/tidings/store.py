@@ -13,7 +13,7 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from bson import ObjectId
@@ -33,16 +33,15 @@ from tidings.models import (
     User,
     as_datetime,
     collection_for,
+    utcnow,
 )
+from tidings.presence import Presence
 from tidings.protocol import MessageState, earlier_than
 
 Document = dict[str, Any]
 
 USERS = "users"
 PRESENCE = "presence"
-# A process refreshes its users' presence well within this; a crashed
-# process's users go offline once it passes.
-PRESENCE_TTL = timedelta(seconds=60)
 
 # Ids are unique per sender; this also serves ack/read, which look a message up by id.
 SENDER_ID_INDEX = IndexModel(
@@ -77,12 +76,6 @@ def _guarded(
             raise StoreUnavailable(f"database error: {exc}") from exc
 
     return guarded
-
-
-def utcnow() -> datetime:
-    """Now, truncated to the millisecond precision that BSON dates keep."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class Store(Protocol):
@@ -143,7 +136,7 @@ class MongoStore:
     ) -> None:
         self._db = db
         self._on_change = on_change
-        self._process = uuid.uuid4().hex
+        self._presence = Presence(db[PRESENCE])
         self._indexed: set[str] = set()
         self._message_indexes = [SENDER_ID_INDEX, BACKLOG_INDEX]
         self._group = GroupCommit()
@@ -153,12 +146,7 @@ class MongoStore:
         """Create the indexes of the shared collections."""
         if await self._is_nx_27017():
             self._message_indexes = [SENDER_ID_INDEX, NX_BACKLOG_INDEX]
-        await self._db[PRESENCE].create_indexes(
-            [
-                IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expiry"),
-                IndexModel([("email", ASCENDING), ("expires_at", ASCENDING)], name="email"),
-            ]
-        )
+        await self._presence.start()
 
     async def close(self) -> None:
         """Stop the group-commit writers; inserts still waiting fail."""
@@ -196,30 +184,15 @@ class MongoStore:
         doc = await self._db[USERS].find_one({"_id": email})
         if doc is None:
             return None
-        # Expired records count as offline before the TTL monitor removes them.
-        live = {"email": email, "expires_at": {"$gt": utcnow()}}
-        online = await self._db[PRESENCE].find_one(live)
-        return _user(doc, online=online is not None)
+        return _user(doc, online=await self._presence.is_online(email))
 
     @_guarded
     async def set_presence(self, email: str, online: bool) -> None:
-        key = {"_id": f"{self._process}/{email}"}
-        if online:
-            fields = {
-                "email": email,
-                "process": self._process,
-                "expires_at": utcnow() + PRESENCE_TTL,
-            }
-            await self._db[PRESENCE].update_one(key, {"$set": fields}, upsert=True)
-        else:
-            await self._db[PRESENCE].delete_one(key)
+        await self._presence.set(email, online)
 
     @_guarded
     async def refresh_presence(self, emails: Sequence[str]) -> None:
-        await self._db[PRESENCE].update_many(
-            {"process": self._process, "email": {"$in": list(emails)}},
-            {"$set": {"expires_at": utcnow() + PRESENCE_TTL}},
-        )
+        await self._presence.refresh(emails)
 
     @_guarded
     async def send(
