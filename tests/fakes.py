@@ -321,7 +321,7 @@ class World:
             queue_size,
             backlog_batch,
         )
-        session.start()
+        session.start(identify_timeout=60.0)
         self.sessions.append(session)
         return session, transport
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -88,12 +90,16 @@ class Client:
             return
         raise AssertionError(f"expected no frame, got {frame}")
 
-    async def close_frame(self, within: float = TIMEOUT) -> Close:
-        """Read, discarding frames, until the server closes; the close it sent."""
+    async def close_frame(
+        self, within: float = TIMEOUT, into: list[dict[str, Any]] | None = None
+    ) -> Close:
+        """Read until the server closes; the close it sent. Frames go ``into`` a list."""
         try:
             async with asyncio.timeout(within):
                 while True:
-                    await self.ws.recv()
+                    frame = orjson.loads(await self.ws.recv())
+                    if into is not None:
+                        into.append(frame)
         except ConnectionClosed as closed:
             if closed.rcvd is None:
                 raise AssertionError(f"closed without a close frame: {closed}") from closed
@@ -123,3 +129,46 @@ async def client(url: str, **options: Any) -> AsyncIterator[Client]:
     """Open a WebSocket client to ``url``."""
     async with connect(url, open_timeout=TIMEOUT, close_timeout=2, **options) as ws:
         yield Client(ws)
+
+
+class ThreadedServer:
+    """The app under uvicorn in a thread of its own, for tests that are not async.
+
+    Hypothesis drives its examples synchronously, so its tests talk to this
+    server with the synchronous WebSocket client.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        config = server_config(
+            create_app(settings), settings.model_copy(update={"port": self.port})
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The ``ws://`` URL of the endpoint."""
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def _run(self) -> None:
+        # uvicorn leaves signals alone outside the main thread; this stops by its flag.
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the threaded server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(TIMEOUT)
+        self._sock.close()

@@ -720,7 +720,6 @@ ENDINGS = [
     pytest.param(change(2, "drop"), "drop", id="drop"),
     pytest.param(change(2, "rename"), "rename", id="rename"),
     pytest.param({"_id": tok(2), "operationType": "dropDatabase"}, "dropDatabase", id="dropDb"),
-    pytest.param(End(), "invalidated", id="cursor-closed"),
 ]
 
 
@@ -749,6 +748,27 @@ async def test_ending_event_restarts_from_now_then_resyncs(
     assert sink.streams_at[1] == 2
     assert sink.events[2:] == [inserted(3)]  # nothing read past the end of the first stream
     assert len(records(caplog, "feed_restarted")) == 1
+
+
+async def test_a_cursor_closed_without_invalidate_is_resumed_not_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MongoDB ends a change stream only with an invalidate event; a cursor that
+    # vanishes without one (as nx-27017's do) is an interruption to resume from.
+    monitor = Monitor()
+    db = FakeDatabase(monitor, [Open([insert(1), End()]), Open([insert(2)])])
+    jitter = Jitter()
+    sink = Recorder(monitor, db)
+    feed = make_feed(db, FakeCollections(monitor), jitter=jitter)
+    async with feeding(feed, sink):
+        await monitor.until(lambda: db.waiting(2))
+        assert feed.running
+    assert db.streams[0].closes == 1
+    assert [c.resume_after for c in db.calls] == [None, tok(1)]
+    assert sink.events == [inserted(1), inserted(2)]
+    assert not any(isinstance(event, Resync) for event in sink.events)
+    assert records(caplog, "feed_restarted") == []
+    assert len(records(caplog, "feed_interrupted")) == 1
 
 
 async def test_invalidate_leaves_the_fake_stream_dead() -> None:

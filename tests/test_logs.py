@@ -98,3 +98,91 @@ def test_configuring_twice_keeps_one_handler() -> None:
     configure_logging("DEBUG")
     assert len(logging.getLogger().handlers) == 1
     assert logging.getLogger().level == logging.DEBUG
+
+
+# --- tokens never reach a log line -------------------------------------------------------
+
+UVICORN_ACCEPTED = '%s - "WebSocket %s" [accepted]'
+
+
+def test_an_access_token_in_a_uvicorn_message_is_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    logging.getLogger("uvicorn.error").info(
+        UVICORN_ACCEPTED, "127.0.0.1:5000", "/ws?access_token=SECRET&x=1"
+    )
+    err = capsys.readouterr().err
+    assert "SECRET" not in err
+    (record,) = lines(err)
+    assert record["event"] == (
+        '127.0.0.1:5000 - "WebSocket /ws?access_token=[redacted]&x=1" [accepted]'
+    )
+    assert record["logger"] == "uvicorn.error"
+
+
+def test_an_access_token_at_the_end_of_a_query_is_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    logging.getLogger("uvicorn.error").info(
+        '%s - "WebSocket %s" %d', "10.0.0.1:1", "/ws?x=1&access_token=SECRET", 403
+    )
+    err = capsys.readouterr().err
+    assert "SECRET" not in err
+    (record,) = lines(err)
+    assert record["event"] == '10.0.0.1:1 - "WebSocket /ws?x=1&access_token=[redacted]" 403'
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Authorization: Bearer SECRET", "Authorization: Bearer [redacted]"),
+        ("header Bearer SECRET.PART.TWO next", "header Bearer [redacted] next"),
+        ("offered bearer.SECRET and tidings.v1", "offered bearer.[redacted] and tidings.v1"),
+        ("a=1 access_token=SECRET b=2", "a=1 access_token=[redacted] b=2"),
+    ],
+)
+def test_bearer_tokens_are_redacted_and_the_rest_kept(
+    capsys: pytest.CaptureFixture[str], message: str, expected: str
+) -> None:
+    configure_logging("INFO")
+    logging.getLogger("tidings.test").warning(message)
+    err = capsys.readouterr().err
+    assert "SECRET" not in err
+    (record,) = lines(err)
+    assert record["event"] == expected
+
+
+def test_tokens_in_args_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    logging.getLogger("tidings.test").info("handshake with %s from %s", "Bearer SECRET", "c1")
+    err = capsys.readouterr().err
+    assert "SECRET" not in err
+    (record,) = lines(err)
+    assert record["event"] == "handshake with Bearer [redacted] from c1"
+
+
+def test_messages_without_tokens_are_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    log = logging.getLogger("tidings.test")
+    log.info("%s - %s", "plain", "text & more", extra={"conn": "c1"})
+    log.info("%d%% done, %s", 100, "access granted")
+    first, second = lines(capsys.readouterr().err)
+    assert first["event"] == "plain - text & more"
+    assert first["conn"] == "c1"
+    assert second["event"] == "100% done, access granted"
+
+
+def test_a_percent_encoded_access_token_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    logging.getLogger("uvicorn.error").info(
+        UVICORN_ACCEPTED, "127.0.0.1:5000", "/ws?access%5Ftoken=SECRET"
+    )
+    assert "SECRET" not in capsys.readouterr().err
+
+
+def test_an_upper_case_bearer_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    logging.getLogger("tidings.test").info("Authorization: BEARER SECRET")
+    assert "SECRET" not in capsys.readouterr().err

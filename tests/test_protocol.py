@@ -347,3 +347,49 @@ def test_encode_is_compact_json_text() -> None:
     assert isinstance(text, str)
     assert orjson.loads(text) == {"type": "#pong", "ts": None, "n": "é"}
     assert " " not in text
+
+
+# --- nesting depth ----------------------------------------------------------------------
+
+
+def ping_nested(levels: int) -> str:
+    """A ``#ping`` frame nesting ``levels`` levels deep, the frame object included."""
+    ts: Any = 1
+    for _ in range(levels - 1):
+        ts = [ts]
+    return frame(type="#ping", ts=ts)
+
+
+def test_a_frame_nested_deeper_than_the_limit_is_invalid() -> None:
+    with pytest.raises(ClientError) as info:
+        parse_frame(ping_nested(6), max_depth=5)
+    assert info.value.code is ErrorCode.INVALID
+    assert "5 levels" in info.value.message
+
+
+def test_a_frame_nested_at_the_limit_is_accepted() -> None:
+    parsed = parse_frame(ping_nested(5), max_depth=5)
+    assert isinstance(parsed, PingFrame)
+    assert parsed.ts == [[[[1]]]]
+
+
+def test_the_default_depth_limit_is_32() -> None:
+    assert isinstance(parse_frame(ping_nested(32)), PingFrame)
+    error = refused(ping_nested(33))
+    assert error.code is ErrorCode.INVALID
+    assert "32 levels" in error.message
+
+
+def test_the_depth_limit_counts_objects_too() -> None:
+    ts: Any = {"a": {"b": [{"c": 1}]}}  # 4 levels under the frame: 5 in all
+    assert isinstance(parse_frame(frame(type="#ping", ts=ts), max_depth=5), PingFrame)
+    with pytest.raises(ClientError) as info:
+        parse_frame(frame(type="#ping", ts=ts), max_depth=4)
+    assert "4 levels" in info.value.message
+
+
+def test_the_depth_limit_applies_before_the_type_is_known() -> None:
+    with pytest.raises(ClientError) as info:
+        parse_frame(frame(type="no-such-type", x=[[[[]]]]), max_depth=3)
+    assert info.value.code is ErrorCode.INVALID
+    assert "3 levels" in info.value.message

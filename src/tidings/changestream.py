@@ -38,6 +38,10 @@ WATCHED_OPERATIONS = ["insert", "update", "replace", "invalidate"]
 ENDING_OPERATIONS = frozenset({"invalidate", "drop", "dropDatabase", "rename"})
 
 
+class StreamClosed(PyMongoError):
+    """A change stream ended without an invalidate event; it is resumed, not restarted."""
+
+
 class ChangeStream(Protocol):
     """The part of PyMongo's ``AsyncChangeStream`` the feed uses."""
 
@@ -209,7 +213,11 @@ class MongoChangeFeed:
             follower.token = stream.resume_token or follower.token
             if change is None:
                 if not stream.alive:
-                    return "the change stream was invalidated"
+                    # MongoDB closes a change stream only after an invalidate event,
+                    # handled below; a cursor that vanished without one (nx-27017
+                    # drops streams when the connection that opened them closes) is
+                    # resumed from the token like any interruption.
+                    raise StreamClosed("the change stream's cursor was closed")
                 # Real servers already waited max_await_ms on the server; the pause
                 # keeps a stand-in that answers at once (nx-27017) from busy-polling.
                 await asyncio.sleep(self._idle_pause)

@@ -12,9 +12,10 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp
 
 from tidings.app import create_app
-from tidings.auth import ConfigError
+from tidings.auth import ConfigError, JWTAuthenticator
 from tidings.config import Settings
 from tidings.logs import configure_logging
+from tidings.protocol import normalise_email
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="run without authentication (TIDINGS_DEV=1)",
     )
+    token = commands.add_parser("token", help="mint a client token with TIDINGS_JWT_SECRET")
+    token.add_argument("--email", required=True, help="the e-mail the token may identify as")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"tidings: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if args.command == "token":
+        return _mint(settings, args.email, args.ttl)
     configure_logging(settings.log_level)
     try:
         app = create_app(settings)
@@ -49,6 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tidings: refusing to start: {exc}", file=sys.stderr)
         return 2
     uvicorn.Server(server_config(app, settings)).run()
+    return 0
+
+
+def _mint(settings: Settings, email: str, ttl: int) -> int:
+    if settings.jwt_secret is None:
+        print("tidings: set TIDINGS_JWT_SECRET to mint tokens", file=sys.stderr)
+        return 2
+    try:
+        normalised = normalise_email(email)
+    except ValueError as exc:
+        print(f"tidings: --email {exc}", file=sys.stderr)
+        return 2
+    issuer = JWTAuthenticator(settings.jwt_secret, {}, settings.jwt_issuer, settings.jwt_audience)
+    try:
+        print(issuer.mint(normalised, ttl))
+    except ConfigError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -66,7 +90,7 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
-        ws_per_message_deflate=False,
+        ws_per_message_deflate=settings.websocket_compression,
     )
 
 

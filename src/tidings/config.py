@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     ping_timeout: PositiveFloat = 20.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
+    # Frames a connection may send per second, and in one burst; over it, frames
+    # are refused with rate_limited, and after rate_abuse refused frames (drained
+    # at the same rate) the connection is closed with 1008.
+    rate_limit: PositiveFloat = 100.0
+    rate_burst: PositiveInt = 200
+    rate_abuse: PositiveInt = 1000
+    # Seconds a connection may stay open without identifying.
+    identify_timeout: PositiveFloat = 30.0
+    # Deepest nesting of arrays and objects accepted in a frame.
+    max_json_depth: PositiveInt = 32
+    # permessage-deflate: off, since compressing attacker-influenced content next
+    # to secrets invites CRIME/BREACH-style attacks and costs memory per socket.
+    websocket_compression: bool = False
     # Frames a connection may have waiting to be written before it counts as a
     # client that cannot keep up and is disconnected.
     send_queue_size: PositiveInt = 256

@@ -9,10 +9,12 @@ import uuid
 from typing import Any
 
 from starlette.endpoints import WebSocketEndpoint
+from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tidings.auth import AuthFailed, Principal
+from tidings.auth import AuthFailed, Principal, origin_allowed
 from tidings.errors import ClientError, CloseCode, CloseConnection, ErrorCode, StoreUnavailable
+from tidings.limits import TokenBucket
 from tidings.protocol import error_frame, parse_frame
 from tidings.services import Services
 from tidings.session import ConnectionGone, Session
@@ -46,12 +48,21 @@ class SocketTransport:
                 await self._websocket.close(code, reason)
 
 
+async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
+    """Answer a handshake with an HTTP error instead of accepting it."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(reason, status_code=status))
+    else:  # Servers without the denial extension answer a close before accept with 403.
+        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
+
+
 class TidingsEndpoint(WebSocketEndpoint):
     """``/ws``: authenticates the handshake, then hands each frame to the handlers."""
 
     encoding = None
     session: Session
     principal: Principal
+    bucket: TokenBucket
 
     async def dispatch(self) -> None:
         websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
@@ -70,24 +81,33 @@ class TidingsEndpoint(WebSocketEndpoint):
             await self.on_disconnect(websocket, close_code)
 
     async def _admit(self, websocket: WebSocket) -> bool:
-        """Refuse, before accepting, a handshake that fails authentication (HTTP 403)."""
+        """Refuse, before accepting, a handshake that may not connect (an HTTP error).
+
+        The client hears only a generic status; the server log says why.
+        """
         services: Services = websocket.app.state.services
         if services.draining:
-            await websocket.close(CloseCode.TRY_AGAIN_LATER, "server is shutting down")
+            await _deny(websocket, 503, "shutting down; reconnect to another server")
             return False
         try:
+            origin = websocket.headers.get("origin")
+            if origin is not None and not origin_allowed(
+                origin, websocket.headers.get("host"), services.settings.origins
+            ):
+                raise AuthFailed(f"origin {origin!r} is not allowed")
             self.principal = services.authenticator.authenticate(websocket)
         except AuthFailed as exc:
             log.warning("handshake_refused", extra={"reason": str(exc)})
-            await websocket.close(CloseCode.POLICY_VIOLATION, "authentication failed")
+            await _deny(websocket, 403, "forbidden")
             return False
         return True
 
     async def on_connect(self, websocket: WebSocket) -> None:
         services: Services = websocket.app.state.services
         conn_id = uuid.uuid4().hex[:12]
-        await websocket.accept()
+        await websocket.accept(subprotocol=self.principal.subprotocol)
         settings = services.settings
+        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         self.session = Session(
             conn_id,
             SocketTransport(websocket, settings.close_timeout),
@@ -96,14 +116,22 @@ class TidingsEndpoint(WebSocketEndpoint):
             settings.send_queue_size,
             settings.backlog_batch,
         )
-        self.session.start()
+        self.session.start(settings.identify_timeout)
         log.info("connection_opened", extra={"conn": conn_id})
 
     async def on_receive(self, websocket: WebSocket, data: Any) -> None:
         services: Services = websocket.app.state.services
+        settings = services.settings
         session = self.session
         try:
-            frame = parse_frame(data)
+            if not self.bucket.take():
+                if self.bucket.strikes > settings.rate_abuse:
+                    raise CloseConnection(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                raise ClientError(
+                    ErrorCode.RATE_LIMITED,
+                    f"over {settings.rate_limit:g} frames a second; this frame was dropped",
+                )
+            frame = parse_frame(data, settings.max_json_depth)
             await services.handlers.handle(session, self.principal, frame)
         except ClientError as exc:
             log.info(

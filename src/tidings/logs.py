@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from urllib.parse import unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
 
+# A query parameter, and a bearer token in a header or subprotocol.
+_PARAMETER = re.compile(r"(^|[?&\s])([^=&?/\s\"']+)=([^&\s\"']*)")
+_BEARER = re.compile(r"(?i)(bearer[ .])[^\s,\"']+")
 
-def _drop_colour(record: logging.LogRecord) -> bool:
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    # Starlette decodes parameter names, so ``access%5Ftoken`` is a token too.
+    if unquote_plus(match[2]).lower() == "access_token":
+        return f"{match[1]}{match[2]}=[redacted]"
+    return match[0]
+
+
+def _scrub(record: logging.LogRecord) -> bool:
+    """Keep tokens out of every log line, whoever logs it (uvicorn logs request paths)."""
+    message = record.getMessage()
+    scrubbed = _BEARER.sub(r"\1[redacted]", _PARAMETER.sub(_redact_parameter, message))
+    if scrubbed != message:
+        record.msg, record.args = scrubbed, None
     # uvicorn attaches a terminal-coloured copy of its message; aggregators want one.
     record.__dict__.pop("color_message", None)
     return True
@@ -22,7 +40,7 @@ def configure_logging(level: str) -> None:
     ``state``, ...) comes as the ``extra`` fields of the call.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_drop_colour)
+    handler.addFilter(_scrub)
     handler.setFormatter(
         JsonFormatter(
             "{asctime}{levelname}{name}{message}",

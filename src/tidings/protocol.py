@@ -11,6 +11,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from tidings.errors import ClientError, ErrorCode
+from tidings.limits import depth
 
 
 class MessageState(StrEnum):
@@ -138,7 +139,7 @@ _MODELS: dict[str, type[_Frame]] = {
 }
 
 
-def parse_frame(data: str | bytes) -> ClientFrame:
+def parse_frame(data: str | bytes, max_depth: int = 32) -> ClientFrame:
     """Decode and validate one client frame, or raise the ``ClientError`` that says why not."""
     if isinstance(data, bytes):
         raise ClientError(ErrorCode.INVALID, "frames must be JSON text frames, not binary")
@@ -148,6 +149,8 @@ def parse_frame(data: str | bytes) -> ClientFrame:
         raise ClientError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ClientError(ErrorCode.INVALID, "a frame must be a JSON object with a 'type'")
+    if depth(raw, max_depth) > max_depth:
+        raise ClientError(ErrorCode.INVALID, f"a frame may nest at most {max_depth} levels deep")
     kind = raw.get("type")
     if not isinstance(kind, str):
         raise ClientError(ErrorCode.INVALID, "a frame needs a string 'type' field")

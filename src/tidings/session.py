@@ -89,9 +89,16 @@ class Session:
         """What every log line about this session carries."""
         return {"conn": self._conn_id, "email": self.user.email if self.user else None}
 
-    def start(self) -> None:
-        """Start the writer."""
+    def start(self, identify_timeout: float) -> None:
+        """Start the writer, and the clock for a connection that never identifies."""
         self._spawn(self._write)
+        self._spawn(functools.partial(self._expect_identity, identify_timeout))
+
+    async def _expect_identity(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self.user is None:
+            reason = f"identify with #email within {seconds:g} seconds"
+            await self.close(CloseCode.POLICY_VIOLATION, reason)
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the client without waiting."""
