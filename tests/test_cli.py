@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-
 import jwt
 import pytest
 import uvicorn
@@ -16,23 +13,7 @@ from tidings.config import Settings
 
 SECRET = "k" * 40
 
-LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures logging before it refuses; put the loggers back afterwards."""
-    saved = [
-        (logging.getLogger(n), logging.getLogger(n).handlers[:], logging.getLogger(n).level)
-        for n in LOGGERS
-    ]
-    propagate = {n: logging.getLogger(n).propagate for n in LOGGERS}
-    yield
-    for logger, handlers, level in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-    for name, value in propagate.items():
-        logging.getLogger(name).propagate = value
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 async def nothing(scope: Scope, receive: Receive, send: Send) -> None:

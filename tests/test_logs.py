@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 
 import orjson
 import pytest
 
 from tidings.logs import configure_logging
 
-LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """configure_logging rewires the root and uvicorn loggers; put them back afterwards."""
-    saved = [
-        (
-            logging.getLogger(name),
-            logging.getLogger(name).handlers[:],
-            logging.getLogger(name).level,
-        )
-        for name in LOGGERS
-    ]
-    propagate = {name: logging.getLogger(name).propagate for name in LOGGERS}
-    yield
-    for logger, handlers, level in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-    for name, value in propagate.items():
-        logging.getLogger(name).propagate = value
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(err: str) -> list[dict[str, object]]:
