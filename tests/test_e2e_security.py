@@ -135,6 +135,16 @@ async def test_the_e_mail_claim_is_compared_case_insensitively(url: str) -> None
         assert reply["email"] == ALICE
 
 
+async def test_a_connection_ends_when_its_token_expires(url: str) -> None:
+    # Expired 9 s ago: still inside the 10 s leeway, so accepted, for about a second.
+    almost = token(ALICE, exp=int(time.time()) - 9)
+    async with client(url, additional_headers={"Authorization": f"Bearer {almost}"}) as ws:
+        await ws.identify(ALICE)
+        close = await ws.close_frame()
+        assert close.code == 1008
+        assert "token expired" in close.reason
+
+
 # --- authorization ---------------------------------------------------------------------
 
 

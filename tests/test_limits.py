@@ -82,14 +82,14 @@ def test_strikes_grow_under_sustained_flooding() -> None:
     assert history[-1] >= 600
 
 
-def test_strikes_drain_at_the_rate() -> None:
+def test_strikes_drain_at_a_quarter_of_the_rate() -> None:
     clock = Clock()
     bucket = TokenBucket(rate=10, burst=2, clock=clock)
     takes(bucket, 52)
     assert bucket.strikes == 50
-    clock.advance(2)  # drains 20
+    clock.advance(2)  # drains 2 s x 10 / 4 = 5
     bucket.take()
-    assert bucket.strikes == pytest.approx(30)
+    assert bucket.strikes == pytest.approx(45)
     clock.advance(100)
     assert bucket.take() is True
     assert bucket.strikes == 0
@@ -104,6 +104,16 @@ def test_strikes_stay_low_for_a_client_slightly_over_its_rate() -> None:
         refused += not bucket.take()
         assert bucket.strikes < 2
     assert refused > 0  # it really was over its rate
+
+
+def test_strikes_grow_for_a_client_half_again_over_its_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=20, clock=clock)
+    for _ in range(60 * 15):  # a minute at 15 frames a second against a rate of 10
+        clock.advance(1 / 15)
+        bucket.take()
+    # About 5 refused a second, 2.5 drained: some 150 after a minute, less the burst.
+    assert bucket.strikes > 100
 
 
 def test_the_default_clock_is_monotonic_time() -> None:

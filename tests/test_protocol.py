@@ -393,3 +393,10 @@ def test_the_depth_limit_applies_before_the_type_is_known() -> None:
         parse_frame(frame(type="no-such-type", x=[[[[]]]]), max_depth=3)
     assert info.value.code is ErrorCode.INVALID
     assert "3 levels" in info.value.message
+
+
+def test_only_ascii_letters_are_case_folded_so_look_alikes_stay_apart() -> None:
+    # U+212A KELVIN SIGN lower-cases to "k" under Unicode rules.
+    assert normalise_email("\u212aate@Example.COM") == "\u212aate@example.com"
+    assert normalise_email("\u212aate@example.com") != normalise_email("kate@example.com")
+    assert normalise_email("  Kate@Example.COM ") == "kate@example.com"

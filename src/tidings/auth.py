@@ -49,6 +49,8 @@ class Principal:
 
     email: str | None
     subprotocol: str | None = None
+    # When the credentials expire (seconds since the epoch); the connection ends then.
+    expires_at: float | None = None
 
     def may_identify(self, email: str) -> bool:
         """True when this connection may identify as ``email`` (already normalised)."""
@@ -95,7 +97,11 @@ class JWTAuthenticator:
             email = normalise_email(claimed)
         except ValueError:
             raise AuthFailed("the token's e-mail claim is not an e-mail address") from None
-        return Principal(email=email, subprotocol=_app_subprotocol(conn) or subprotocol)
+        return Principal(
+            email=email,
+            subprotocol=_app_subprotocol(conn) or subprotocol,
+            expires_at=float(claims["exp"]) + LEEWAY,
+        )
 
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a valid token; ``AuthFailed`` with the reason otherwise."""
@@ -107,6 +113,7 @@ class JWTAuthenticator:
             if algorithm == "HS256" and self._secret is not None:
                 key: Any = self._secret
             elif algorithm in ASYMMETRIC and self._public_keys:
+                # A key named by kid, else the PEM key, which has no kid.
                 key = self._public_keys.get(header.get("kid")) or self._public_keys.get(None)
                 if key is None:
                     raise AuthFailed(f"no key for kid {header.get('kid')!r}")
@@ -220,7 +227,8 @@ def _public_keys(settings: Settings) -> dict[str | None, Any]:
             keys[None] = load_pem_public_key(pem)
         if settings.jwt_jwks_file:
             for jwk in jwt.PyJWKSet.from_json(Path(settings.jwt_jwks_file).read_text()).keys:
-                keys[jwk.key_id] = jwk.key
+                # A JWK without a kid never displaces the PEM key.
+                keys.setdefault(jwk.key_id, jwk.key)
     except (
         OSError,
         ValueError,

@@ -87,6 +87,7 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         # print query strings, which may carry tokens.
         access_log=False,
         lifespan="on",
+        limit_concurrency=settings.max_connections,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

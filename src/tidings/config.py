@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     rate_limit: PositiveFloat = 100.0
     rate_burst: PositiveInt = 200
     rate_abuse: PositiveInt = 1000
+    # Connections (and HTTP requests) served at once; beyond, handshakes get 503.
+    max_connections: PositiveInt = 10000
     # Seconds a connection may stay open without identifying.
     identify_timeout: PositiveFloat = 30.0
     # Deepest nesting of arrays and objects accepted in a frame.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -117,6 +118,8 @@ class TidingsEndpoint(WebSocketEndpoint):
             settings.backlog_batch,
         )
         self.session.start(settings.identify_timeout)
+        if self.principal.expires_at is not None:
+            self.session.expire(self.principal.expires_at - time.time())
         log.info("connection_opened", extra={"conn": conn_id})
 
     async def on_receive(self, websocket: WebSocket, data: Any) -> None:
@@ -134,7 +137,10 @@ class TidingsEndpoint(WebSocketEndpoint):
             frame = parse_frame(data, settings.max_json_depth)
             await services.handlers.handle(session, self.principal, frame)
         except ClientError as exc:
-            log.info(
+            # A flood must not flood the logs too: refusals for rate are DEBUG.
+            level = logging.DEBUG if exc.code is ErrorCode.RATE_LIMITED else logging.INFO
+            log.log(
+                level,
                 "invalid_frame",
                 extra={
                     **session.log_fields,

@@ -10,9 +10,10 @@ from typing import Any
 class TokenBucket:
     """A per-connection rate limit: ``rate`` frames a second, bursts up to ``burst``.
 
-    ``strikes`` counts refused frames and drains at the same ``rate``: a client
-    that now and then goes over its rate keeps it low, one that keeps flooding
-    drives it up, so that sustained abuse, not a burst, ends a connection.
+    ``strikes`` counts refused frames and drains at a quarter of ``rate``: a
+    client that now and then goes over its rate keeps it low, one that keeps
+    sending a quarter more than it may drives it up, so that sustained abuse,
+    not a burst, ends a connection.
     """
 
     def __init__(
@@ -31,7 +32,7 @@ class TokenBucket:
         refill = (now - self._updated) * self._rate
         self._updated = now
         self._tokens = min(self._burst, self._tokens + refill)
-        self.strikes = max(0.0, self.strikes - refill)
+        self.strikes = max(0.0, self.strikes - refill / 4)
         if self._tokens >= 1:
             self._tokens -= 1
             return True

@@ -63,13 +63,20 @@ def _check_id(value: str) -> str:
     return value
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def normalise_email(value: str) -> str:
-    """The canonical form of an e-mail address: trimmed and lower-cased.
+    """The canonical form of an e-mail address: trimmed, ASCII letters lower-cased.
+
+    Only ASCII is folded: Unicode case mapping would make look-alikes such as
+    the Kelvin sign (U+212A) collide with ``k``, letting a token for one
+    address identify as another.
 
     Raises ``ValueError`` for anything that is not ``local@domain`` without
     white space or control characters, at most 254 characters long.
     """
-    email = value.strip().lower()
+    email = value.strip().translate(_ASCII_LOWER)
     if len(email) > 254 or not _EMAIL.fullmatch(email) or not email.isprintable():
         raise ValueError("must be an e-mail address like name@example.com")
     return email

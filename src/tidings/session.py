@@ -94,6 +94,14 @@ class Session:
         self._spawn(self._write)
         self._spawn(functools.partial(self._expect_identity, identify_timeout))
 
+    def expire(self, seconds: float) -> None:
+        """Close the connection when its credentials expire, ``seconds`` from now."""
+        self._spawn(functools.partial(self._expire, seconds))
+
+    async def _expire(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+        await self.close(CloseCode.POLICY_VIOLATION, "token expired; reconnect with a new one")
+
     async def _expect_identity(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         if self.user is None:
