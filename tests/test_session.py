@@ -461,9 +461,9 @@ async def test_stop_survives_a_store_failure_while_going_offline(world: World) -
 async def test_close_sends_the_close_once_then_stops(world: World) -> None:
     session, transport, _ = await identified(world)
     await spin()
-    await session.close(CloseCode.GOING_AWAY, "server restart")
+    await session.close(CloseCode.TRY_AGAIN_LATER, "server restart")
     await session.close(CloseCode.NORMAL, "again")
-    assert transport.closes == [(CloseCode.GOING_AWAY, "server restart")]
+    assert transport.closes == [(CloseCode.TRY_AGAIN_LATER, "server restart")]
     assert session.closed.is_set()
     assert world.hub.online() == []
     session.deliver(message("late"))

@@ -27,12 +27,8 @@ class CloseCode(IntEnum):
     """WebSocket close codes Tidings uses, from RFC 6455 and the IANA registry."""
 
     NORMAL = 1000
-    GOING_AWAY = 1001
-    UNSUPPORTED_DATA = 1003
     POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
 
 

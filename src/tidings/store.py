@@ -1,4 +1,7 @@
-"""The store: users, presence and per-user message collections in MongoDB.
+"""The store: what sessions and handlers read and write in MongoDB.
+
+Users and presence have modules of their own (``users``, ``presence``); this
+one keeps the messages.
 
 Each user owns one collection (``collection_for``). A message lives in its
 recipient's collection as an *inbox* document (the durable copy, with content),
@@ -9,9 +12,8 @@ state changes back to the sender, in both change-stream scopes.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -37,6 +39,7 @@ from tidings.models import (
 )
 from tidings.presence import Presence
 from tidings.protocol import MessageState, earlier_than
+from tidings.users import Users
 
 Document = dict[str, Any]
 
@@ -136,6 +139,7 @@ class MongoStore:
     ) -> None:
         self._db = db
         self._on_change = on_change
+        self._users = Users(db[USERS])
         self._presence = Presence(db[PRESENCE])
         self._indexed: set[str] = set()
         self._message_indexes = [SENDER_ID_INDEX, BACKLOG_INDEX]
@@ -165,26 +169,16 @@ class MongoStore:
 
     @_guarded
     async def ensure_user(self, email: str) -> User:
-        fresh = {
-            "id": uuid.uuid4().hex,
-            "email": email,
-            "name": email.partition("@")[0],
-            "collection": collection_for(email),
-            "created_at": utcnow(),
-        }
-        # DuplicateKeyError: two first identifications raced and the other one won.
-        with contextlib.suppress(DuplicateKeyError):
-            await self._db[USERS].update_one({"_id": email}, {"$setOnInsert": fresh}, upsert=True)
-        doc = await self._db[USERS].find_one({"_id": email})
+        user = await self._users.ensure(email)
         await self._messages(email)
-        return _user(doc)
+        return user
 
     @_guarded
     async def find_user(self, email: str) -> User | None:
-        doc = await self._db[USERS].find_one({"_id": email})
-        if doc is None:
+        user = await self._users.find(email)
+        if user is None:
             return None
-        return _user(doc, online=await self._presence.is_online(email))
+        return dataclasses.replace(user, online=await self._presence.is_online(email))
 
     @_guarded
     async def set_presence(self, email: str, online: bool) -> None:
@@ -315,15 +309,4 @@ def _outcome(doc: Document) -> Outcome:
     state = MessageState(doc["state"])
     return Outcome(
         doc["mid"], state, as_datetime(doc.get("at", {}).get(state.value, doc["sent_at"]))
-    )
-
-
-def _user(doc: Document | None, online: bool = False) -> User:
-    assert doc is not None, "the user document was just written"
-    return User(
-        id=doc["id"],
-        email=doc["email"],
-        name=doc["name"],
-        collection=doc["collection"],
-        online=online,
     )
