@@ -52,8 +52,14 @@ async def url() -> AsyncIterator[str]:
         yield running
 
 
+def with_token(raw: str) -> dict[str, Any]:
+    """Client options that send ``raw`` in the Authorization header."""
+    return {"additional_headers": {"Authorization": f"Bearer {raw}"}}
+
+
 def bearer(email: str) -> dict[str, Any]:
-    return {"additional_headers": {"Authorization": f"Bearer {token(email)}"}}
+    """Client options that authenticate as ``email``."""
+    return with_token(token(email))
 
 
 async def refused(url: str, **options: Any) -> int:
@@ -72,31 +78,13 @@ async def refused(url: str, **options: Any) -> int:
     "options",
     [
         pytest.param({}, id="no token"),
-        pytest.param({"additional_headers": {"Authorization": "Bearer not.a.jwt"}}, id="garbage"),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(ALICE, secret='x' * 40)}"}},
-            id="forged",
-        ),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(ALICE, exp=1)}"}},
-            id="expired",
-        ),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(ALICE, aud='other')}"}},
-            id="wrong audience",
-        ),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(ALICE, iss='evil')}"}},
-            id="wrong issuer",
-        ),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(ALICE, exp=None)}"}},
-            id="no expiry",
-        ),
-        pytest.param(
-            {"additional_headers": {"Authorization": f"Bearer {token(None, sub=None)}"}},
-            id="no e-mail",
-        ),
+        pytest.param(with_token("not.a.jwt"), id="garbage"),
+        pytest.param(with_token(token(ALICE, secret="x" * 40)), id="forged"),
+        pytest.param(with_token(token(ALICE, exp=1)), id="expired"),
+        pytest.param(with_token(token(ALICE, aud="other")), id="wrong audience"),
+        pytest.param(with_token(token(ALICE, iss="evil")), id="wrong issuer"),
+        pytest.param(with_token(token(ALICE, exp=None)), id="no expiry"),
+        pytest.param(with_token(token(None, sub=None)), id="no e-mail"),
     ],
 )
 async def test_a_bad_or_missing_token_is_refused_before_accept(
@@ -138,7 +126,7 @@ async def test_the_e_mail_claim_is_compared_case_insensitively(url: str) -> None
 async def test_a_connection_ends_when_its_token_expires(url: str) -> None:
     # Expired 9 s ago: still inside the 10 s leeway, so accepted, for about a second.
     almost = token(ALICE, exp=int(time.time()) - 9)
-    async with client(url, additional_headers={"Authorization": f"Bearer {almost}"}) as ws:
+    async with client(url, **with_token(almost)) as ws:
         await ws.identify(ALICE)
         close = await ws.close_frame()
         assert close.code == 1008
@@ -306,7 +294,7 @@ async def test_tokens_never_reach_the_logs() -> None:
                     break
                 except OSError:
                     await asyncio.sleep(0.1)
-        assert await refused(url, additional_headers={"Authorization": f"Bearer {bad}"}) == 403
+        assert await refused(url, **with_token(bad)) == 403
         offered = [cast(Subprotocol, f"bearer.{good}")]
         async with client(url, subprotocols=offered) as ws:
             await ws.identify(ALICE)
