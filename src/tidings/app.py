@@ -108,7 +108,7 @@ async def _backend(settings: Settings) -> AsyncIterator[tuple[MongoStore, Change
 
 async def _keep_presence(services: Services) -> None:
     """Refresh this process's presence records well before they expire."""
-    while True:
+    while not services.draining:
         await asyncio.sleep(PRESENCE_TTL.total_seconds() / 3)
         try:
             await services.store.refresh_presence(services.hub.online())

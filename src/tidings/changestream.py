@@ -83,6 +83,11 @@ class _Follower:
     failures: int = 0
     # Why the stream restarted from now, until the sessions are told to resync.
     resync: str | None = None
+    # Set when no session needs this stream any more. Cancellation alone is not
+    # enough: on Python 3.11 asyncio.wait_for, which PyMongo uses for socket
+    # timeouts, can lose a cancellation that races a completed read, and a
+    # follower that lived on would deliver every change twice.
+    stopped: bool = False
 
     @property
     def label(self) -> str:
@@ -116,6 +121,8 @@ class MongoChangeFeed:
         self._jitter = jitter or (lambda ceiling: random.uniform(0, ceiling))  # noqa: S311
         self._sink: Sink | None = None
         self._followers: dict[str | None, _Follower] = {}
+        # Every follower task, current or stopping, so that run() ends them all.
+        self._tasks: set[asyncio.Task[None]] = set()
         if scope == "database":
             self._followers[None] = _Follower(None)
         self._active = False
@@ -133,14 +140,14 @@ class MongoChangeFeed:
             await asyncio.Event().wait()  # The followers do the work until cancelled.
         finally:
             self._active = False
-            followers = list(self._followers.values())
-            for follower in followers:
-                if follower.task is not None:
-                    follower.task.cancel()
-            for follower in followers:
-                if follower.task is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await follower.task
+            for follower in self._followers.values():
+                follower.stopped = True
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def watch(self, collection: str) -> None:
         if self._scope == "collection" and collection not in self._followers:
@@ -151,8 +158,10 @@ class MongoChangeFeed:
 
     def unwatch(self, collection: str) -> None:
         follower = self._followers.pop(collection, None) if self._scope == "collection" else None
-        if follower is not None and follower.task is not None:
-            follower.task.cancel()
+        if follower is not None:
+            follower.stopped = True
+            if follower.task is not None:
+                follower.task.cancel()
 
     async def ready(self, collection: str) -> None:
         """Wait until changes to ``collection`` made from now on will be delivered."""
@@ -162,23 +171,28 @@ class MongoChangeFeed:
             await follower.opened.wait()
 
     def _start(self, follower: _Follower) -> None:
-        follower.task = asyncio.create_task(self._follow(follower), name=f"feed:{follower.label}")
+        task = asyncio.create_task(self._follow(follower), name=f"feed:{follower.label}")
+        follower.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _follow(self, follower: _Follower) -> None:
         target = self._db if follower.name is None else self._collection(follower.name)
-        while True:
+        while not follower.stopped:
             try:
                 reason = await self._follow_once(target, follower)
             except OperationFailure as exc:
                 # A restart from now that fails the same way again is backed off,
                 # so a server that keeps refusing is not asked in a tight loop.
-                if exc.code not in RESTART_CODES or follower.resync is not None:
+                if exc.code not in RESTART_CODES or follower.resync is not None or follower.stopped:
                     await self._back_off(follower, exc)
                     continue
                 reason = f"resume token unusable: {exc.code} {exc}"
             except PyMongoError as exc:
                 await self._back_off(follower, exc)
                 continue
+            if follower.stopped:
+                return
             follower.healthy = False
             follower.token, follower.resync = None, reason
             log.warning("feed_restarted", extra={"stream": follower.label, "reason": reason})
@@ -208,6 +222,8 @@ class MongoChangeFeed:
     async def _drain(self, stream: ChangeStream, follower: _Follower) -> str:
         """Deliver changes, keeping the resume token, until the stream ends for good."""
         while True:
+            if follower.stopped:
+                return "stopped"
             change = await stream.try_next()
             # Updated after every getMore, idle ones included (postBatchResumeToken).
             follower.token = stream.resume_token or follower.token
@@ -226,7 +242,7 @@ class MongoChangeFeed:
             if operation in ENDING_OPERATIONS:
                 return f"the change stream ended: {operation}"
             event = decode(change)
-            if event is not None:
+            if event is not None and not follower.stopped:
                 self._emit(event)
             # try_next() does not yield within a batch; let the writers drain.
             await asyncio.sleep(0)

@@ -184,7 +184,7 @@ class Session:
         await self._hub.ready(email)
         self._streamed = streamed = set()
         after: ObjectId | None = None
-        while True:
+        while not self._closing:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
             for message in page:
                 await self._queue.put((encode(message.frame()), message))
@@ -205,7 +205,9 @@ class Session:
 
     async def _write(self) -> None:
         try:
-            while True:
+            # Checked as well as cancellation, which a database call racing its
+            # own timeout can lose on Python 3.11 (see changestream._Follower).
+            while not self._closing:
                 text, message = await self._queue.get()
                 await self._transport.send_text(text)
                 if message is not None and message.state is MessageState.STORED:
