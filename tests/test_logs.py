@@ -165,3 +165,15 @@ def test_an_upper_case_bearer_is_redacted(capsys: pytest.CaptureFixture[str]) ->
     configure_logging("INFO")
     logging.getLogger("tidings.test").info("Authorization: BEARER SECRET")
     assert "SECRET" not in capsys.readouterr().err
+
+
+def test_uvicorns_false_alarm_after_a_denial_response_is_dropped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    logging.getLogger("uvicorn.error").error("ASGI callable returned without completing handshake.")
+    logging.getLogger("tidings.endpoint").error(
+        "ASGI callable returned without completing handshake."
+    )
+    lines = capsys.readouterr().err.splitlines()
+    assert [orjson.loads(line)["logger"] for line in lines] == ["tidings.endpoint"]

@@ -21,9 +21,16 @@ def _redact_parameter(match: re.Match[str]) -> str:
     return match[0]
 
 
+# uvicorn's websockets-sansio protocol never marks a handshake answered with a
+# denial response (our 403/503) as complete, and then logs this as an error.
+_DENIAL_NOISE = "ASGI callable returned without completing handshake."
+
+
 def _scrub(record: logging.LogRecord) -> bool:
     """Keep tokens out of every log line, whoever logs it (uvicorn logs request paths)."""
     message = record.getMessage()
+    if record.name == "uvicorn.error" and message == _DENIAL_NOISE:
+        return False
     scrubbed = _BEARER.sub(r"\1[redacted]", _PARAMETER.sub(_redact_parameter, message))
     if scrubbed != message:
         record.msg, record.args = scrubbed, None
