@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.fakes import World, running_world
 from tests.helpers import serve
 from tests.mongo import REAL_MONGODB_URI, NxServer
 from tidings.config import Settings
@@ -34,6 +35,13 @@ def restore_logging() -> Iterator[None]:
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    """A store, feed and hub wired as in the app, the feed running; sessions come from it."""
+    async with running_world() as running:
+        yield running
 
 
 @pytest.fixture

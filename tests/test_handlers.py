@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.fakes import ALICE, BOB, CAROL, FakeTransport, Identity, World, running_world, spin
+from tests.fakes import ALICE, BOB, CAROL, FakeTransport, Identity, World, spin
 from tidings.errors import ClientError, ErrorCode
 from tidings.handlers import Handlers
 from tidings.protocol import parse_frame
@@ -17,12 +16,6 @@ from tidings.session import Session
 
 ANYONE = Identity()
 LIMIT = 50
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_world() as world:
-        yield world
 
 
 @pytest.fixture

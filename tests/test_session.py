@@ -6,8 +6,8 @@ import asyncio
 import gc
 import logging
 import warnings
-from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from tests.fakes import (
@@ -18,7 +18,6 @@ from tests.fakes import (
     GoneTransport,
     World,
     message,
-    running_world,
     spin,
     until,
 )
@@ -28,12 +27,6 @@ from tidings.protocol import MessageState
 from tidings.session import Session
 
 S = MessageState
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_world() as world:
-        yield world
 
 
 async def store_messages(world: World, count: int, prefix: str = "m") -> list[Message]:
@@ -489,3 +482,25 @@ async def test_stopping_before_the_tasks_ran_leaves_no_unawaited_coroutine(world
             unawaited += [str(w.message) for w in caught if "never awaited" in str(w.message)]
             caught.clear()
     assert unawaited == []
+
+
+async def test_finish_writes_what_is_queued_then_closes(world: World) -> None:
+    session, transport = world.session()
+    transport.flowing.clear()  # the frames wait in the queue
+    for n in range(3):
+        session.push({"type": "#pong", "ts": n})
+    finishing = asyncio.create_task(session.finish(1012, "server restarting; reconnect", 10.0))
+    await spin()
+    assert transport.closes == []
+    transport.flowing.set()
+    await asyncio.wait_for(finishing, 10)
+    assert [orjson.loads(text)["ts"] for text in transport.sent] == [0, 1, 2]
+    assert transport.closes == [(1012, "server restarting; reconnect")]
+
+
+async def test_finish_closes_anyway_when_the_queue_does_not_drain_in_time(world: World) -> None:
+    session, transport = world.session()
+    transport.flowing.clear()  # a client that never reads
+    session.push({"type": "#pong", "ts": 0})
+    await asyncio.wait_for(session.finish(1012, "server restarting; reconnect", 0.05), 10)
+    assert transport.closes == [(1012, "server restarting; reconnect")]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from tidings.app import create_app
@@ -54,8 +58,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tidings: refusing to start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(server_config(app, settings)).run()
+    DrainingServer(server_config(app, settings), app).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a graceful drain on the first SIGTERM or SIGINT.
+
+    uvicorn alone stops listening and closes every WebSocket at once. Here the
+    first signal turns the app not-ready and drains it (``Services.drain``);
+    only then does uvicorn shut down. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        # Signal handlers run between bytecodes of the main thread, not in the loop.
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._app.state.services.drain()
+        finally:
+            self.should_exit = True
 
 
 def _mint(settings: Settings, email: str, ttl: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     mongodb_timeout: PositiveFloat = 5.0
     # How long /readyz waits for the database before calling it down.
     ready_timeout: PositiveFloat = 2.0
+    # On SIGTERM: seconds /readyz answers 503 before connections are closed, so
+    # that load balancers stop sending new ones here first.
+    drain_delay: NonNegativeFloat = 5.0
     # How long a closing connection may take to flush before it is dropped.
     close_timeout: PositiveFloat = 5.0
 

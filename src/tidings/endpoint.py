@@ -118,6 +118,7 @@ class TidingsEndpoint(WebSocketEndpoint):
             settings.backlog_batch,
         )
         self.session.start(settings.identify_timeout)
+        services.sessions.add(self.session)
         if self.principal.expires_at is not None:
             self.session.expire(self.principal.expires_at - time.time())
         log.info("connection_opened", extra={"conn": conn_id})
@@ -167,5 +168,6 @@ class TidingsEndpoint(WebSocketEndpoint):
         session = getattr(self, "session", None)
         if session is None:
             return
+        websocket.app.state.services.sessions.discard(session)
         await session.stop()
         log.info("connection_closed", extra={**session.log_fields, "code": close_code})

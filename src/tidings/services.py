@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from dataclasses import dataclass, field
 
 from tidings.auth import Authenticator
 from tidings.config import Settings
+from tidings.errors import CloseCode
 from tidings.feed import ChangeFeed
 from tidings.handlers import Handlers
 from tidings.hub import Hub
+from tidings.session import Session
 from tidings.store import Store
+
+log = logging.getLogger("tidings.services")
 
 
 @dataclass(eq=False)
@@ -23,3 +29,26 @@ class Services:
     handlers: Handlers
     authenticator: Authenticator
     draining: bool = False
+    # Every open connection's session, so that a drain can close them all.
+    sessions: set[Session] = field(default_factory=set)
+
+    async def drain(self) -> None:
+        """Stop taking connections, turn not-ready, then close every connection.
+
+        Readiness is 503 for ``drain_delay`` seconds first, so that load balancers
+        stop routing here; each client then gets what was already queued for it
+        and a 1012 close that tells it to reconnect elsewhere.
+        """
+        self.draining = True
+        log.info("draining", extra={"connections": len(self.sessions)})
+        await asyncio.sleep(self.settings.drain_delay)
+        await asyncio.gather(
+            *(
+                session.finish(
+                    CloseCode.SERVICE_RESTART,
+                    "server restarting; reconnect",
+                    self.settings.close_timeout,
+                )
+                for session in list(self.sessions)
+            )
+        )

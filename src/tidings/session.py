@@ -156,6 +156,13 @@ class Session:
         await self.stop()
         await self._transport.close(code, reason)
 
+    async def finish(self, code: int, reason: str, flush_timeout: float) -> None:
+        """Close after writing what is already queued, waiting at most ``flush_timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(flush_timeout):
+                await self._queue.join()
+        await self.close(code, reason)
+
     async def stop(self) -> None:
         """End every task of this session and leave the hub. Idempotent."""
         self._closing = True
@@ -209,9 +216,12 @@ class Session:
             # own timeout can lose on Python 3.11 (see changestream._Follower).
             while not self._closing:
                 text, message = await self._queue.get()
-                await self._transport.send_text(text)
-                if message is not None and message.state is MessageState.STORED:
-                    await self._mark_sent(message)
+                try:
+                    await self._transport.send_text(text)
+                    if message is not None and message.state is MessageState.STORED:
+                        await self._mark_sent(message)
+                finally:
+                    self._queue.task_done()
         except ConnectionGone:
             return
 
