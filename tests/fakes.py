@@ -257,9 +257,9 @@ class FlakyStore:
         await self._enter("ensure_user")
         return await self.inner.ensure_user(email)
 
-    async def find_user(self, email: str) -> User | None:
+    async def find_user(self, email: str, presence: bool = True) -> User | None:
         await self._enter("find_user")
-        return await self.inner.find_user(email)
+        return await self.inner.find_user(email, presence)
 
     async def set_presence(self, email: str, online: bool) -> None:
         await self._enter("set_presence")

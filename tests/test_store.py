@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any, cast
 
@@ -152,6 +153,15 @@ async def test_find_user_with_presence(store: MongoStore) -> None:
     again = await store.find_user(ALICE)
     assert again is not None
     assert again.online is False
+
+
+async def test_find_user_without_presence_leaves_online_unset(store: MongoStore) -> None:
+    await store.ensure_user(ALICE)
+    await store.set_presence(ALICE, True)
+    user = await store.find_user(ALICE, presence=False)
+    assert user is not None
+    assert (user.email, user.online) == (ALICE, False)
+    assert (await store.find_user(ALICE)) == dataclasses.replace(user, online=True)
 
 
 async def test_presence_is_per_process(db: AsyncDatabase[Document]) -> None:

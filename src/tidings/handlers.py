@@ -105,7 +105,7 @@ class Handlers:
         fields = {**session.log_fields, "message_id": message_id}
         session.push(state_frame(message_id, MessageState.RECEIVED, utcnow()))
         try:
-            recipient = await self._store.find_user(frame.to)
+            recipient = await self._store.find_user(frame.to, presence=False)
             if recipient is None:
                 self._fail(session, message_id, ErrorCode.NOT_FOUND, f"no user {frame.to}")
                 return

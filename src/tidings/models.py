@@ -42,6 +42,12 @@ def as_datetime(value: datetime | str) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
+def current_state(doc: Mapping[str, Any]) -> tuple[MessageState, datetime]:
+    """A message document's state, and when it reached it (inbox or receipt alike)."""
+    state = MessageState(doc["state"])
+    return state, as_datetime(doc.get("at", {}).get(state.value, doc["sent_at"]))
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A user's public record; ``online`` is filled in when it is looked up."""
@@ -85,6 +91,7 @@ class Message:
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Message:
         """Read an inbox document."""
+        state, state_at = current_state(doc)
         return cls(
             oid=doc["_id"],
             id=doc["mid"],
@@ -92,8 +99,8 @@ class Message:
             recipient=doc["to"],
             content=doc["content"],
             sent_at=doc["sent_at"],
-            state=MessageState(doc["state"]),
-            state_at=as_datetime(doc.get("at", {}).get(doc["state"], doc["sent_at"])),
+            state=state,
+            state_at=state_at,
         )
 
     def frame(self) -> dict[str, Any]:

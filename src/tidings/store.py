@@ -33,8 +33,8 @@ from tidings.models import (
     Message,
     Outcome,
     User,
-    as_datetime,
     collection_for,
+    current_state,
     utcnow,
 )
 from tidings.presence import Presence
@@ -90,8 +90,8 @@ class Store(Protocol):
     async def ensure_user(self, email: str) -> User:
         """The user record for ``email``, created on first identification."""
 
-    async def find_user(self, email: str) -> User | None:
-        """The user record for ``email``, with presence, or ``None``."""
+    async def find_user(self, email: str, presence: bool = True) -> User | None:
+        """The user record for ``email`` or ``None``; ``online`` only with ``presence``."""
 
     async def set_presence(self, email: str, online: bool) -> None:
         """Record that this process does or no longer holds a connection of ``email``."""
@@ -174,10 +174,10 @@ class MongoStore:
         return user
 
     @_guarded
-    async def find_user(self, email: str) -> User | None:
+    async def find_user(self, email: str, presence: bool = True) -> User | None:
         user = await self._users.find(email)
-        if user is None:
-            return None
+        if user is None or not presence:
+            return user
         return dataclasses.replace(user, online=await self._presence.is_online(email))
 
     @_guarded
@@ -227,7 +227,7 @@ class MongoStore:
             message = Message.from_doc(existing)
             # Repairs a receipt left behind by an attempt that stopped half way.
             await self._advance_receipt(message, message.state, message.state_at)
-            return _outcome(existing)
+            return Outcome(message.id, message.state, message.state_at)
         return Outcome(message_id, MessageState.STORED, now, Message.from_doc(doc))
 
     @_guarded
@@ -265,7 +265,7 @@ class MongoStore:
         )
         if updated is None:
             return False
-        self._report("update", updated)
+        self._report(Change("update", updated))
         await self._advance_receipt(message, state, now)
         return True
 
@@ -282,18 +282,18 @@ class MongoStore:
             return_document=ReturnDocument.AFTER,
         )
         if updated is not None:
-            self._report("update", updated)
+            self._report(Change("update", updated))
 
     async def _insert(self, coll: AsyncCollection[Document], doc: Document) -> bool:
         """Insert ``doc``; ``False`` when a document with its key is already there."""
         if not await self._group.insert(coll, doc):
             return False
-        self._report("insert", doc)
+        self._report(Change("insert", dict(doc)))
         return True
 
-    def _report(self, operation: str, doc: Document) -> None:
+    def _report(self, change: Change) -> None:
         if self._on_change is not None:
-            self._on_change(Change("insert" if operation == "insert" else "update", dict(doc)))
+            self._on_change(change)
 
     async def _messages(self, email: str) -> AsyncCollection[Document]:
         name = collection_for(email)
@@ -304,9 +304,6 @@ class MongoStore:
         return coll
 
 
-def _outcome(doc: Document) -> Outcome:
-    """A resend's answer: the message's current state, from its inbox document or receipt."""
-    state = MessageState(doc["state"])
-    return Outcome(
-        doc["mid"], state, as_datetime(doc.get("at", {}).get(state.value, doc["sent_at"]))
-    )
+def _outcome(receipt: Document) -> Outcome:
+    """A resend's answer from the message's receipt: its current state."""
+    return Outcome(receipt["mid"], *current_state(receipt))
