@@ -13,17 +13,18 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
-from bson import ObjectId
 from mongomock_motor import AsyncMongoMockClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from tidings.errors import StoreUnavailable
-from tidings.feed import MemoryFeed, Sink
+from tidings.engine import Engine, Sink, Store
+from tidings.engine.memory import memory_engine
+from tidings.engine.mongo.documents import Document
+from tidings.errors import ConnectionGone, StoreUnavailable
 from tidings.hub import Hub
-from tidings.models import INBOX, OUTBOX, Change, Message, Outcome, User
+from tidings.models import Draft, Message, Outcome, Position, Transition, User
 from tidings.protocol import MessageState
-from tidings.session import ConnectionGone, Session
-from tidings.store import Document, MongoStore, Store
+from tidings.recorder import Recorder
+from tidings.session import Session
 
 # Only to keep a broken test from hanging the suite; never a timing assertion.
 TIMEOUT = 10.0
@@ -34,13 +35,8 @@ CAROL = "carol@example.com"
 
 
 def mock_db(name: str = "tidings") -> AsyncDatabase[Document]:
-    """A fresh in-memory database, built as ``tidings.app`` builds the embedded store's."""
+    """A fresh mongomock database behind PyMongo's async API (a test double, not an engine)."""
     return cast("AsyncDatabase[Document]", AsyncMongoMockClient(tz_aware=True)[name])
-
-
-def memory_store(feed: MemoryFeed | None = None) -> MongoStore:
-    """The real ``MongoStore`` on a fresh mongomock database, reporting to ``feed``."""
-    return MongoStore(mock_db(), on_change=feed.publish if feed is not None else None)
 
 
 def at(second: int = 0) -> datetime:
@@ -54,55 +50,18 @@ def message(
     recipient: str = BOB,
     content: str = "hello",
     state: MessageState = MessageState.STORED,
-    oid: ObjectId | None = None,
+    position: int = 1,
 ) -> Message:
-    """A ``Message`` as the store would read it."""
+    """A ``Message`` as a store would read it."""
     return Message(
-        oid=oid or ObjectId(),
+        position=Position(position),
         id=mid,
         sender=sender,
         recipient=recipient,
         content=content,
         sent_at=at(0),
         state=state,
-        state_at=at(1),
     )
-
-
-def inbox_doc(mid: str = "m1", sender: str = ALICE, recipient: str = BOB) -> Document:
-    """An inbox document as the store inserts it."""
-    return {
-        "_id": ObjectId(),
-        "k": INBOX,
-        "mid": mid,
-        "from": sender,
-        "to": recipient,
-        "content": "hello",
-        "sent_at": at(0),
-        "state": MessageState.STORED.value,
-        "at": {MessageState.STORED.value: at(0)},
-    }
-
-
-def receipt_doc(
-    state: MessageState,
-    mid: str = "m1",
-    sender: str = ALICE,
-    recipient: str = BOB,
-    conn: str = "c0",
-) -> Document:
-    """An outbox receipt as it is after a transition to ``state``."""
-    return {
-        "_id": ObjectId(),
-        "k": OUTBOX,
-        "mid": mid,
-        "from": sender,
-        "to": recipient,
-        "sent_at": at(0),
-        "state": state.value,
-        "conn": conn,
-        "at": {state.value: at(5)},
-    }
 
 
 class FakeTransport:
@@ -163,7 +122,7 @@ class GoneTransport(FakeTransport):
 
 
 class FakeFeed:
-    """A ``ChangeFeed`` that records ``watch`` / ``unwatch`` calls."""
+    """A ``Feed`` that records ``watch`` / ``unwatch`` / ``ready`` calls."""
 
     def __init__(self, running: bool = True) -> None:
         self.watched: list[str] = []
@@ -175,17 +134,21 @@ class FakeFeed:
     def running(self) -> bool:
         return self._running
 
+    @property
+    def problem(self) -> str | None:
+        return None if self._running else "fake feed stopped"
+
     async def run(self, sink: Sink) -> None:
         await asyncio.Event().wait()
 
-    def watch(self, collection: str) -> None:
-        self.watched.append(collection)
+    def watch(self, email: str) -> None:
+        self.watched.append(email)
 
-    def unwatch(self, collection: str) -> None:
-        self.unwatched.append(collection)
+    def unwatch(self, email: str) -> None:
+        self.unwatched.append(email)
 
-    async def ready(self, collection: str) -> None:
-        self.readied.append(collection)
+    async def ready(self, email: str) -> None:
+        self.readied.append(email)
 
 
 class FakeSubscriber:
@@ -194,7 +157,7 @@ class FakeSubscriber:
     def __init__(self, conn_id: str) -> None:
         self._conn_id = conn_id
         self.delivered: list[Message] = []
-        self.notified: list[dict[str, Any]] = []
+        self.pushed: list[dict[str, Any]] = []
         self.resyncs = 0
 
     @property
@@ -204,15 +167,15 @@ class FakeSubscriber:
     def deliver(self, message: Message) -> None:
         self.delivered.append(message)
 
-    def notify(self, frame: dict[str, Any]) -> None:
-        self.notified.append(frame)
+    def push(self, frame: dict[str, Any]) -> None:
+        self.pushed.append(frame)
 
     def resync(self) -> None:
         self.resyncs += 1
 
 
-class Identity:
-    """An ``Identity`` that allows exactly the e-mails it was given (``None``: anyone)."""
+class Principal:
+    """A principal that allows exactly the e-mails it was given (``None``: anyone)."""
 
     def __init__(self, allowed: set[str] | None = None) -> None:
         self.allowed = allowed
@@ -249,6 +212,12 @@ class FlakyStore:
         if name in self.fail:
             raise self.errors.get(name, StoreUnavailable(f"{name}: database error: down"))
 
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
     async def ping(self) -> None:
         await self._enter("ping")
         await self.inner.ping()
@@ -257,50 +226,39 @@ class FlakyStore:
         await self._enter("ensure_user")
         return await self.inner.ensure_user(email)
 
-    async def find_user(self, email: str, presence: bool = True) -> User | None:
+    async def find_user(self, email: str) -> User | None:
         await self._enter("find_user")
-        return await self.inner.find_user(email, presence)
+        return await self.inner.find_user(email)
 
-    async def set_presence(self, email: str, online: bool) -> None:
-        await self._enter("set_presence")
-        await self.inner.set_presence(email, online)
-
-    async def refresh_presence(self, emails: Sequence[str]) -> None:
-        await self._enter("refresh_presence")
-        await self.inner.refresh_presence(emails)
-
-    async def send(
-        self, sender: str, recipient: User, message_id: str, content: str, conn: str
-    ) -> Outcome:
+    async def send(self, sender: str, conn: str, drafts: Sequence[Draft]) -> list[Outcome]:
         await self._enter("send")
-        return await self.inner.send(sender, recipient, message_id, content, conn)
+        return await self.inner.send(sender, conn, drafts)
 
-    async def confirm(self, message: Message) -> None:
-        await self._enter("confirm")
-        await self.inner.confirm(message)
-
-    async def find_inbox(self, owner: str, message_id: str, sender: str | None) -> list[Message]:
+    async def find_inbox(self, owner: str, ids: Sequence[str]) -> list[Message]:
         await self._enter("find_inbox")
-        return await self.inner.find_inbox(owner, message_id, sender)
+        return await self.inner.find_inbox(owner, ids)
 
     async def backlog(
-        self, owner: str, since: ObjectId | None, after: ObjectId | None, limit: int
+        self, owner: str, since: Position | None, after: Position | None, limit: int
     ) -> list[Message]:
         await self._enter("backlog")
         return await self.inner.backlog(owner, since, after, limit)
 
-    async def advance(self, message: Message, state: MessageState) -> bool:
-        await self._enter("advance")
-        return await self.inner.advance(message, state)
+    async def record(self, transitions: Sequence[Transition]) -> None:
+        await self._enter("record")
+        await self.inner.record(transitions)
 
 
 class World:
-    """A store, feed and hub wired as the app wires them, with the feed running."""
+    """The memory engine, hub and recorder wired as the app wires them, all running."""
 
-    def __init__(self, store: FlakyStore, feed: MemoryFeed, hub: Hub) -> None:
+    def __init__(self, engine: Engine, store: FlakyStore, hub: Hub, recorder: Recorder) -> None:
+        self.engine = engine
         self.store = store
-        self.feed = feed
+        self.feed = engine.feed
+        self.presence = engine.presence
         self.hub = hub
+        self.recorder = recorder
         self.sessions: list[Session] = []
 
     def session(
@@ -310,6 +268,7 @@ class World:
         queue_size: int = 64,
         backlog_batch: int = 3,
         store: Store | None = None,
+        write_timeout: float = TIMEOUT,
     ) -> tuple[Session, FakeTransport]:
         """A started session on a fake transport."""
         transport = transport or FakeTransport()
@@ -317,32 +276,46 @@ class World:
             conn_id or f"c{len(self.sessions) + 1}",
             transport,
             store or self.store,
+            self.presence,
             self.hub,
-            queue_size,
-            backlog_batch,
+            self.recorder,
+            queue_size=queue_size,
+            backlog_batch=backlog_batch,
+            write_timeout=write_timeout,
         )
         session.start(identify_timeout=60.0)
         self.sessions.append(session)
         return session, transport
 
+    async def send(self, sender: str, recipient: str, mid: str, content: str = "hi") -> Outcome:
+        """Store one message through the (flaky) store, as the handlers would."""
+        (outcome,) = await self.store.send(sender, "c0", [Draft(mid, recipient, content)])
+        return outcome
+
 
 @asynccontextmanager
 async def running_world() -> AsyncIterator[World]:
-    """A ``World`` on the real ``MongoStore`` (behind a ``FlakyStore`` with every switch
-    off), its feed running; every session it made is stopped afterwards."""
-    feed = MemoryFeed()
-    hub = Hub(feed)
-    world = World(FlakyStore(memory_store(feed)), feed, hub)
-    task = asyncio.create_task(feed.run(hub.dispatch))
+    """A ``World`` on the memory engine (behind a ``FlakyStore`` with every switch off),
+    its feed and recorder running; every session it made is stopped afterwards."""
+    engine = memory_engine()
+    store = FlakyStore(engine.store)
+    hub = Hub(engine.feed)
+    recorder = Recorder(store)
+    world = World(engine, store, hub, recorder)
+    tasks = [
+        asyncio.create_task(engine.feed.run(hub.dispatch)),
+        asyncio.create_task(recorder.run()),
+    ]
     try:
         yield world
     finally:
         await spin()  # let every task that was spawned take its first step
         for session in world.sessions:
             await asyncio.wait_for(session.stop(), TIMEOUT)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def spin(rounds: int = 50) -> None:
@@ -358,9 +331,3 @@ async def until(condition: Callable[[], bool], rounds: int = 100_000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError(f"condition still false after {rounds} rounds of the event loop")
-
-
-def change(operation: str, doc: Document) -> Change:
-    """A ``Change`` with a checked operation."""
-    assert operation in ("insert", "update")
-    return Change("insert" if operation == "insert" else "update", doc)

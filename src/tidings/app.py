@@ -7,24 +7,20 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import cast
 
-from mongomock_motor import AsyncMongoMockClient
-from pymongo import AsyncMongoClient
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
 from tidings.auth import build_authenticator
-from tidings.changestream import MongoChangeFeed
 from tidings.config import Settings
 from tidings.endpoint import TidingsEndpoint
-from tidings.feed import ChangeFeed, MemoryFeed
+from tidings.engine import open_engine
+from tidings.engine.mongo.presence import PRESENCE_TTL
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
-from tidings.presence import PRESENCE_TTL
+from tidings.recorder import Recorder
 from tidings.services import Services
-from tidings.store import Document, MongoStore
 
 log = logging.getLogger("tidings.app")
 
@@ -36,33 +32,35 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with _backend(settings) as (store, feed):
-            await store.start()
-            hub = Hub(feed)
+        async with open_engine(settings) as engine:
+            hub = Hub(engine.feed)
+            recorder = Recorder(engine.store)
             services = Services(
                 settings=settings,
-                store=store,
-                feed=feed,
+                engine=engine,
                 hub=hub,
-                handlers=Handlers(store, settings.max_content_chars),
+                recorder=recorder,
+                handlers=Handlers(
+                    engine.store, engine.presence, recorder, settings.max_content_chars
+                ),
                 authenticator=authenticator,
             )
             app.state.services = services
             tasks = [
-                asyncio.create_task(feed.run(hub.dispatch), name="change-feed"),
+                asyncio.create_task(engine.feed.run(hub.dispatch), name="change-feed"),
+                asyncio.create_task(recorder.run(), name="recorder"),
                 asyncio.create_task(_keep_presence(services), name="presence"),
             ]
-            log.info("started", extra={"store": "embedded" if settings.embedded else "mongodb"})
+            log.info("started", extra={"store": engine.name})
             try:
                 yield
             finally:
                 services.draining = True
+                # The recorder goes last: on its way out it writes what still waits.
                 for task in tasks:
                     task.cancel()
-                for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                await store.close()
                 log.info("stopped")
 
     return Starlette(
@@ -75,42 +73,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-@asynccontextmanager
-async def _backend(settings: Settings) -> AsyncIterator[tuple[MongoStore, ChangeFeed]]:
-    """The store and feed the settings ask for, open for the app's lifetime."""
-    if settings.mongodb_uri is None:
-        log.warning(
-            "embedded_store",
-            extra={
-                "detail": "TIDINGS_MONGODB_URI is not set: messages live in memory and are "
-                "LOST when the process exits. Set it for anything but a trial."
-            },
-        )
-        memory = MemoryFeed()
-        # mongomock-motor mirrors the collection API of PyMongo's AsyncDatabase,
-        # which is all MongoStore uses.
-        mock = cast("AsyncMongoClient[Document]", AsyncMongoMockClient(tz_aware=True))
-        yield MongoStore(mock[settings.database], on_change=memory.publish), memory
-        return
-    client: AsyncMongoClient[Document] = AsyncMongoClient(
-        settings.mongodb_uri,
-        tz_aware=True,
-        appname="tidings",
-        serverSelectionTimeoutMS=int(settings.mongodb_timeout * 1000),
-    )
-    try:
-        db = client[settings.database]
-        feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
-        yield MongoStore(db), feed
-    finally:
-        await client.close()
-
-
 async def _keep_presence(services: Services) -> None:
     """Refresh this process's presence records well before they expire."""
     while not services.draining:
         await asyncio.sleep(PRESENCE_TTL.total_seconds() / 3)
         try:
-            await services.store.refresh_presence(services.hub.online())
+            await services.engine.presence.refresh(services.hub.online())
         except Exception:
             log.exception("presence_refresh_failed")

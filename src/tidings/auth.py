@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from starlette.requests import HTTPConnection
 
 from tidings.config import Settings
+from tidings.errors import AuthFailed, ConfigError
 from tidings.protocol import normalise_email
 
 log = logging.getLogger("tidings.auth")
@@ -33,14 +34,6 @@ ASYMMETRIC = ["RS256", "ES256"]
 MIN_SECRET_BYTES = 32
 # Tolerated clock skew between the token issuer and this server, in seconds.
 LEEWAY = 10
-
-
-class ConfigError(Exception):
-    """The settings cannot run a safe service; the message says how to fix them."""
-
-
-class AuthFailed(Exception):
-    """A handshake is refused. The message is for the server log, never the client."""
 
 
 @dataclass(frozen=True, slots=True)

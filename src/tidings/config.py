@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # Frames a connection may send per second, and in one burst; over it, frames
     # are refused with rate_limited, and after rate_abuse refused frames (drained
-    # at the same rate) the connection is closed with 1008.
+    # at a quarter of rate_limit) the connection is closed with 1008.
     rate_limit: PositiveFloat = 100.0
     rate_burst: PositiveInt = 200
     rate_abuse: PositiveInt = 1000
@@ -49,23 +49,41 @@ class Settings(BaseSettings):
     # permessage-deflate: off, since compressing attacker-influenced content next
     # to secrets invites CRIME/BREACH-style attacks and costs memory per socket.
     websocket_compression: bool = False
-    # Frames a connection may have waiting to be written before it counts as a
-    # client that cannot keep up and is disconnected.
+    # Frames a connection may have waiting to be written. Beyond it, live
+    # messages are dropped from memory and read again from the store once the
+    # client catches up; a client that takes no frame for close_timeout while
+    # frames wait is disconnected as a slow consumer.
     send_queue_size: PositiveInt = 256
+    # Frames read from a connection ahead of the one being handled, so that
+    # WebSocket pongs are still read while a handler waits on the database.
+    read_ahead: PositiveInt = 64
     # Longest message content, in characters.
     max_content_chars: PositiveInt = 16384
     # Backlog documents read from the store per round trip.
     backlog_batch: PositiveInt = 200
-    # How long a database operation waits for a server to be selected; a
-    # message that cannot be stored within it fails and may be sent again.
+    # The budget of every database operation, retries included (the driver's
+    # client-side operation timeout); a message that cannot be stored within it
+    # is answered ``unavailable`` and may be sent again with the same id.
     mongodb_timeout: PositiveFloat = 5.0
     # How long /readyz waits for the database before calling it down.
     ready_timeout: PositiveFloat = 2.0
     # On SIGTERM: seconds /readyz answers 503 before connections are closed, so
     # that load balancers stop sending new ones here first.
     drain_delay: NonNegativeFloat = 5.0
-    # How long a closing connection may take to flush before it is dropped.
+    # How long a client may take no frame while frames wait for it (a slow
+    # consumer), and how long a closing connection may take to flush, before
+    # it is dropped.
     close_timeout: PositiveFloat = 5.0
+
+    @field_validator("mongodb_uri")
+    @classmethod
+    def _uri_not_empty(cls, value: str | None) -> str | None:
+        # An empty Secret must not quietly give every pod a memory store of its own.
+        if value is not None and not value.strip():
+            raise ValueError(
+                "TIDINGS_MONGODB_URI is set but empty; unset it for the embedded store"
+            )
+        return value
 
     @property
     def origins(self) -> frozenset[str]:
@@ -79,4 +97,4 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         """True when no MongoDB is configured and the in-memory store is used."""
-        return not self.mongodb_uri
+        return self.mongodb_uri is None

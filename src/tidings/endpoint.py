@@ -7,20 +7,32 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
 
 from starlette.endpoints import WebSocketEndpoint
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tidings.auth import AuthFailed, Principal, origin_allowed
-from tidings.errors import ClientError, CloseCode, CloseConnection, ErrorCode, StoreUnavailable
+from tidings.auth import Principal, origin_allowed
+from tidings.config import Settings
+from tidings.errors import (
+    AuthFailed,
+    ClientError,
+    CloseCode,
+    CloseConnection,
+    ConnectionGone,
+    ErrorCode,
+    StoreUnavailable,
+)
 from tidings.limits import TokenBucket
-from tidings.protocol import error_frame, parse_frame
+from tidings.protocol import AckFrame, ClientFrame, SendFrame, error_frame, parse_frame
 from tidings.services import Services
-from tidings.session import ConnectionGone, Session
+from tidings.session import Session
 
 log = logging.getLogger("tidings.endpoint")
+
+# A frame as read: its text, or bytes for a binary frame (refused when handled).
+Raw = str | bytes
 
 
 class SocketTransport:
@@ -58,18 +70,26 @@ async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
 
 
 class TidingsEndpoint(WebSocketEndpoint):
-    """``/ws``: authenticates the handshake, then hands each frame to the handlers."""
+    """``/ws``: authenticates the handshake, then hands the frames to the handlers.
+
+    One task reads frames ahead into a bounded queue while another handles
+    them, so that the socket is still read (and WebSocket pongs with it) while
+    a handler waits on the database. The handler takes what has queued up in
+    one go: consecutive messages are stored together, and so are consecutive
+    acknowledgements.
+    """
 
     encoding = None
-    session: Session
-    principal: Principal
-    bucket: TokenBucket
 
     async def dispatch(self) -> None:
         websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
-        if not await self._admit(websocket):
+        services: Services = websocket.app.state.services
+        principal = await self._admit(websocket, services)
+        if principal is None:
             return
-        await self.on_connect(websocket)
+        session = await self._open(websocket, services, principal)
+        frames: asyncio.Queue[Raw] = asyncio.Queue(services.settings.read_ahead)
+        handler = asyncio.create_task(self._handle(services, session, principal, frames))
         close_code = CloseCode.NORMAL.value
         try:
             while True:
@@ -77,97 +97,177 @@ class TidingsEndpoint(WebSocketEndpoint):
                 if message["type"] == "websocket.disconnect":
                     close_code = int(message.get("code") or CloseCode.NORMAL)
                     break
-                await self.on_receive(websocket, await self.decode(websocket, message))
+                text = message.get("text")
+                await frames.put(text if text is not None else message.get("bytes") or b"")
         finally:
-            await self.on_disconnect(websocket, close_code)
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            services.sessions.discard(session)
+            await session.stop()
+            log.info("connection_closed", extra={**session.log_fields, "code": close_code})
 
-    async def _admit(self, websocket: WebSocket) -> bool:
+    async def _admit(self, websocket: WebSocket, services: Services) -> Principal | None:
         """Refuse, before accepting, a handshake that may not connect (an HTTP error).
 
         The client hears only a generic status; the server log says why.
         """
-        services: Services = websocket.app.state.services
         if services.draining:
             await _deny(websocket, 503, "shutting down; reconnect to another server")
-            return False
+            return None
         try:
             origin = websocket.headers.get("origin")
             if origin is not None and not origin_allowed(
                 origin, websocket.headers.get("host"), services.settings.origins
             ):
                 raise AuthFailed(f"origin {origin!r} is not allowed")
-            self.principal = services.authenticator.authenticate(websocket)
+            return services.authenticator.authenticate(websocket)
         except AuthFailed as exc:
             log.warning("handshake_refused", extra={"reason": str(exc)})
             await _deny(websocket, 403, "forbidden")
-            return False
-        return True
+            return None
 
-    async def on_connect(self, websocket: WebSocket) -> None:
-        services: Services = websocket.app.state.services
+    async def _open(
+        self, websocket: WebSocket, services: Services, principal: Principal
+    ) -> Session:
         conn_id = uuid.uuid4().hex[:12]
-        await websocket.accept(subprotocol=self.principal.subprotocol)
+        await websocket.accept(subprotocol=principal.subprotocol)
         settings = services.settings
-        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
-        self.session = Session(
+        session = Session(
             conn_id,
             SocketTransport(websocket, settings.close_timeout),
-            services.store,
+            services.engine.store,
+            services.engine.presence,
             services.hub,
-            settings.send_queue_size,
-            settings.backlog_batch,
+            services.recorder,
+            queue_size=settings.send_queue_size,
+            backlog_batch=settings.backlog_batch,
+            write_timeout=settings.close_timeout,
         )
-        self.session.start(settings.identify_timeout)
-        services.sessions.add(self.session)
-        if self.principal.expires_at is not None:
-            self.session.expire(self.principal.expires_at - time.time())
+        session.start(settings.identify_timeout)
+        services.sessions.add(session)
+        if principal.expires_at is not None:
+            session.expire(principal.expires_at - time.time())
         log.info("connection_opened", extra={"conn": conn_id})
+        return session
 
-    async def on_receive(self, websocket: WebSocket, data: Any) -> None:
-        services: Services = websocket.app.state.services
+    async def _handle(
+        self,
+        services: Services,
+        session: Session,
+        principal: Principal,
+        frames: asyncio.Queue[Raw],
+    ) -> None:
         settings = services.settings
-        session = self.session
+        bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+        batch: list[ClientFrame] = []
+
+        async def flush() -> None:
+            if batch:
+                await self._run(services, session, principal, batch)
+                batch.clear()
+
         try:
-            if not self.bucket.take():
-                if self.bucket.strikes > settings.rate_abuse:
-                    raise CloseConnection(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-                raise ClientError(
-                    ErrorCode.RATE_LIMITED,
-                    f"over {settings.rate_limit:g} frames a second; this frame was dropped",
-                )
-            frame = parse_frame(data, settings.max_json_depth)
-            await services.handlers.handle(session, self.principal, frame)
-        except ClientError as exc:
-            # A flood must not flood the logs too: refusals for rate are DEBUG.
-            level = logging.DEBUG if exc.code is ErrorCode.RATE_LIMITED else logging.INFO
-            log.log(
-                level,
-                "invalid_frame",
-                extra={
-                    **session.log_fields,
-                    "code": exc.code.value,
-                    "detail": exc.message,
-                    "ref": exc.ref,
-                },
-            )
-            session.push(error_frame(exc.code, exc.message, exc.ref))
-        except StoreUnavailable as exc:
-            log.warning("store_unavailable", extra={**session.log_fields, "error": str(exc)})
-            session.push(
-                error_frame(
-                    ErrorCode.INTERNAL, "the database is unavailable; try again shortly", None
-                )
-            )
+            while True:
+                await session.room()
+                raws = [await frames.get()]
+                while not frames.empty():
+                    raws.append(frames.get_nowait())
+                for raw in raws:
+                    try:
+                        frame = _parse(bucket, settings, raw)
+                    except ClientError as exc:
+                        await flush()  # Answers go out in the order the frames came.
+                        self._refuse(session, exc)
+                        continue
+                    if batch and not (type(frame) is type(batch[0]) and _batches(frame)):
+                        await flush()
+                    batch.append(frame)
+                await flush()
         except CloseConnection as exc:
             await session.close(exc.code, exc.reason)
         except Exception:
             log.exception("frame_crashed", extra=session.log_fields)
             await session.close(CloseCode.INTERNAL_ERROR, "internal error")
 
-    async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
-        session = getattr(self, "session", None)
-        if session is None:
-            return
-        websocket.app.state.services.sessions.discard(session)
-        await session.stop()
-        log.info("connection_closed", extra={**session.log_fields, "code": close_code})
+    async def _run(
+        self,
+        services: Services,
+        session: Session,
+        principal: Principal,
+        batch: Sequence[ClientFrame],
+    ) -> None:
+        """Handle a batch of frames of one kind; errors become frames here."""
+        handlers = services.handlers
+        refs = [_ref(frame) for frame in batch]
+        try:
+            if isinstance(batch[0], SendFrame):
+                drafts = []
+                for frame in batch:
+                    assert isinstance(frame, SendFrame)
+                    try:
+                        drafts.append(handlers.draft(session, frame))
+                    except ClientError as exc:
+                        self._refuse(session, exc)
+                refs = [draft.id for draft in drafts]
+                if drafts:
+                    await handlers.send(session, drafts)
+            elif isinstance(batch[0], AckFrame):
+                acks = [frame for frame in batch if isinstance(frame, AckFrame)]
+                for refusal in await handlers.acknowledge(session, acks):
+                    self._refuse(session, refusal)
+            else:
+                (frame,) = batch
+                assert not isinstance(frame, SendFrame | AckFrame)
+                await handlers.handle(session, principal, frame)
+        except ClientError as exc:
+            self._refuse(session, exc)
+        except StoreUnavailable as exc:
+            log.warning("store_unavailable", extra={**session.log_fields, "error": str(exc)})
+            for ref in refs:
+                session.push(
+                    error_frame(
+                        ErrorCode.UNAVAILABLE,
+                        "the database did not answer in time; the outcome is unknown: "
+                        "send the same frame again",
+                        ref,
+                    )
+                )
+
+    @staticmethod
+    def _refuse(session: Session, exc: ClientError) -> None:
+        # A flood must not flood the logs too: refusals for rate are DEBUG.
+        level = logging.DEBUG if exc.code is ErrorCode.RATE_LIMITED else logging.INFO
+        log.log(
+            level,
+            "invalid_frame",
+            extra={
+                **session.log_fields,
+                "code": exc.code.value,
+                "detail": exc.message,
+                "ref": exc.ref,
+            },
+        )
+        session.push(error_frame(exc.code, exc.message, exc.ref))
+
+
+def _parse(bucket: TokenBucket, settings: Settings, raw: Raw) -> ClientFrame:
+    """The frame, if it is within the rate and well-formed; raise why not."""
+    if not bucket.take():
+        if bucket.strikes > settings.rate_abuse:
+            raise CloseConnection(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        raise ClientError(
+            ErrorCode.RATE_LIMITED,
+            f"over {settings.rate_limit:g} frames a second; this frame was dropped",
+        )
+    return parse_frame(raw, settings.max_json_depth)
+
+
+def _batches(frame: ClientFrame) -> bool:
+    """Whether consecutive frames of this kind are handled together."""
+    return isinstance(frame, SendFrame | AckFrame)
+
+
+def _ref(frame: ClientFrame) -> str:
+    frame_id = getattr(frame, "id", None)
+    return frame_id if isinstance(frame_id, str) else frame.type

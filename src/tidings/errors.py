@@ -1,7 +1,19 @@
-"""The errors Tidings reports to clients, each with a code and a reason.
+"""Every error Tidings raises on purpose, in one tree.
 
-Handlers raise these; the endpoint is the one place that turns them into error
-frames (``ClientError``) or close codes (``CloseConnection``).
+::
+
+    TidingsError
+    ├── ConfigError          the settings cannot run a safe service (exit code 2)
+    ├── AuthFailed           a handshake is refused (HTTP 403; the reason goes to the log)
+    ├── ClientError          one frame is refused (an error frame; the connection stays)
+    ├── CloseConnection      abuse or overload ends the connection (a close code)
+    ├── StoreUnavailable     the database did not answer in time (``unavailable`` or 1013)
+    ├── StreamClosed         a change stream ended without an invalidate (resumed)
+    └── ConnectionGone       the peer is no longer there to write to
+
+Lower-level errors are mapped into this tree once, where they arise: database
+errors in the storage engines, socket errors in the endpoint's transport. The
+endpoint is the one place that turns them into error frames and close codes.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     RATE_LIMITED = "rate_limited"
     TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -35,6 +48,14 @@ class CloseCode(IntEnum):
 
 class TidingsError(Exception):
     """Base class of every error Tidings raises on purpose."""
+
+
+class ConfigError(TidingsError):
+    """The settings cannot run a safe service; the message says how to fix them."""
+
+
+class AuthFailed(TidingsError):
+    """A handshake is refused. The message is for the server log, never the client."""
 
 
 class ClientError(TidingsError):
@@ -61,4 +82,12 @@ class CloseConnection(TidingsError):
 
 
 class StoreUnavailable(TidingsError):
-    """The database did not answer; the operation may be retried later."""
+    """The database did not answer in time; the outcome of a write is unknown."""
+
+
+class StreamClosed(TidingsError):
+    """A change stream ended without an invalidate event; it is resumed, not restarted."""
+
+
+class ConnectionGone(TidingsError):
+    """The peer is no longer there to write to."""

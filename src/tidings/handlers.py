@@ -1,18 +1,23 @@
-"""Handlers: what each client frame does."""
+"""Handlers: what each client frame does.
+
+Refusals are raised (or, for a batch, returned) as ``ClientError``; the
+endpoint turns them into frames.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from typing import Protocol
+from collections import OrderedDict
+from collections.abc import Sequence
 
-from bson import ObjectId
-
-from tidings.errors import ClientError, ErrorCode, StoreUnavailable
-from tidings.models import Message, User, utcnow
+from tidings.auth import Principal
+from tidings.engine import Presence, Store
+from tidings.errors import ClientError, ErrorCode
+from tidings.models import Draft, Message, Transition, User, utcnow
 from tidings.protocol import (
     AckFrame,
-    ClientFrame,
     EmailFrame,
     MessageState,
     PingFrame,
@@ -20,43 +25,57 @@ from tidings.protocol import (
     UserFrame,
     state_frame,
 )
+from tidings.recorder import Recorder
 from tidings.session import Session
-from tidings.store import Store
 
 log = logging.getLogger("tidings.handlers")
 
 
-class Identity(Protocol):
-    """Who authenticated on this connection, as far as handlers need to know."""
+class KnownUsers:
+    """E-mails known to have a user record. Records are never deleted, so a hit stays true."""
 
-    def may_identify(self, email: str) -> bool:
-        """True when this connection may identify as ``email`` (already normalised)."""
+    def __init__(self, capacity: int = 10000) -> None:
+        self._capacity = capacity
+        self._known: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, email: object) -> bool:
+        if email in self._known:
+            self._known.move_to_end(email)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def add(self, email: str) -> None:
+        """Remember ``email``, forgetting the least recently used beyond capacity."""
+        self._known[email] = None
+        self._known.move_to_end(email)
+        if len(self._known) > self._capacity:
+            self._known.popitem(last=False)
 
 
 class Handlers:
-    """Turns validated frames into store operations and replies.
+    """Turns validated frames into store operations and replies."""
 
-    Errors are raised as ``ClientError``; the endpoint turns them into frames.
-    """
-
-    def __init__(self, store: Store, max_content_chars: int) -> None:
+    def __init__(
+        self, store: Store, presence: Presence, recorder: Recorder, max_content_chars: int
+    ) -> None:
         self._store = store
+        self._presence = presence
+        self._recorder = recorder
         self._max_content = max_content_chars
+        self._known = KnownUsers()
 
-    async def handle(self, session: Session, identity: Identity, frame: ClientFrame) -> None:
-        """Act on one frame from ``session``'s client."""
+    async def handle(
+        self, session: Session, principal: Principal, frame: EmailFrame | PingFrame | UserFrame
+    ) -> None:
+        """Act on one frame that is neither a message nor an acknowledgement."""
         if isinstance(frame, PingFrame):
             session.push({"type": "#pong", "ts": frame.ts})
         elif isinstance(frame, EmailFrame):
-            await self._identify(session, identity, frame)
-        elif isinstance(frame, UserFrame):
-            await self._lookup(session, frame)
-        elif isinstance(frame, SendFrame):
-            await self._send(session, frame)
+            await self._identify(session, principal, frame)
         else:
-            await self._acknowledge(session, frame)
+            await self._lookup(session, frame)
 
-    async def _identify(self, session: Session, identity: Identity, frame: EmailFrame) -> None:
+    async def _identify(self, session: Session, principal: Principal, frame: EmailFrame) -> None:
         if session.user is not None:
             raise ClientError(
                 ErrorCode.INVALID,
@@ -64,21 +83,22 @@ class Handlers:
                 "open a new connection to identify as someone else",
                 frame.type,
             )
-        if not identity.may_identify(frame.email):
+        if not principal.may_identify(frame.email):
             raise ClientError(
                 ErrorCode.FORBIDDEN, "your credentials do not allow this e-mail", frame.type
             )
-        since: ObjectId | None = None
+        since = None
         if frame.since is not None:
-            found = await self._store.find_inbox(frame.email, frame.since, None)
+            found = await self._store.find_inbox(frame.email, [frame.since])
             if not found:
                 raise ClientError(
                     ErrorCode.NOT_FOUND,
                     f"no message {frame.since!r} was sent to you; identify without 'since'",
                     frame.since,
                 )
-            since = found[0].oid
+            since = max(message.position for message in found)
         user = await self._store.ensure_user(frame.email)
+        self._known.add(user.email)
         session.push(
             {"type": "#email", "email": user.email, "user": {**user.public(), "online": True}}
         )
@@ -90,10 +110,12 @@ class Handlers:
         user = await self._store.find_user(frame.email)
         if user is None:
             raise ClientError(ErrorCode.NOT_FOUND, f"no user {frame.email}", frame.type)
-        session.push({"type": "#user", "user": user.public()})
+        online = await self._presence.is_online(frame.email)
+        session.push({"type": "#user", "user": {**user.public(), "online": online}})
 
-    async def _send(self, session: Session, frame: SendFrame) -> None:
-        sender = _require_user(session, frame.id or frame.type)
+    def draft(self, session: Session, frame: SendFrame) -> Draft:
+        """Check a ``message`` frame and answer ``received``; the draft to store."""
+        _require_user(session, frame.id or frame.type)
         if len(frame.content) > self._max_content:
             raise ClientError(
                 ErrorCode.TOO_LARGE,
@@ -101,76 +123,87 @@ class Handlers:
                 frame.id or frame.type,
             )
         # Server-assigned ids are 22 URL-safe characters, inside the id alphabet.
-        message_id = frame.id or secrets.token_urlsafe(16)
-        fields = {**session.log_fields, "message_id": message_id}
-        session.push(state_frame(message_id, MessageState.RECEIVED, utcnow()))
-        try:
-            recipient = await self._store.find_user(frame.to, presence=False)
-            if recipient is None:
-                self._fail(session, message_id, ErrorCode.NOT_FOUND, f"no user {frame.to}")
-                return
-            outcome = await self._store.send(
-                sender.email, recipient, message_id, frame.content, session.conn_id
-            )
-        except ClientError as exc:
-            # Refused by the store, such as an id still on its way to someone else.
-            self._fail(session, message_id, exc.code, exc.message)
-            return
-        except StoreUnavailable as exc:
-            log.warning("store_failed", extra={**fields, "error": str(exc)})
-            self._fail(
-                session,
-                message_id,
-                ErrorCode.INTERNAL,
-                "the message could not be stored; send it again with the same id",
-            )
-            return
-        # The sending connection hears ``stored`` first, before the receipt moves
-        # on and the feed tells the sender's other connections.
-        session.push(state_frame(outcome.id, outcome.state, outcome.at))
-        if outcome.stored is None:
-            log.info("message_resent", extra={**fields, "state": outcome.state.value})
-            return
-        log.info("message_stored", extra={**fields, "state": outcome.state.value})
-        try:
-            await self._store.confirm(outcome.stored)
-        except StoreUnavailable as exc:
-            # The message is stored and this connection knows; only the sender's
-            # other connections miss the ``stored`` notice.
-            log.warning("confirm_failed", extra={**fields, "error": str(exc)})
+        draft = Draft(frame.id or secrets.token_urlsafe(16), frame.to, frame.content)
+        session.push(state_frame(draft.id, MessageState.RECEIVED, utcnow()))
+        return draft
 
-    @staticmethod
-    def _fail(session: Session, message_id: str, code: ErrorCode, reason: str) -> None:
-        log.info(
-            "message_failed",
-            extra={
-                **session.log_fields,
-                "message_id": message_id,
-                "state": "failed",
-                "code": code.value,
-            },
-        )
-        session.push(state_frame(message_id, MessageState.FAILED, utcnow(), code.value, reason))
+    async def send(self, session: Session, drafts: Sequence[Draft]) -> None:
+        """Store consecutive messages of one connection together, in order.
 
-    async def _acknowledge(self, session: Session, frame: AckFrame) -> None:
-        user = _require_user(session, frame.id)
-        # Only the caller's own collection is searched: nobody acks another's message.
-        found = await self._store.find_inbox(user.email, frame.id, frame.sender)
-        if not found:
-            raise ClientError(ErrorCode.NOT_FOUND, f"you have no message {frame.id!r}", frame.id)
-        if len(found) > 1:
-            raise ClientError(
-                ErrorCode.INVALID,
-                f"several senders used the id {frame.id!r}; add 'from' to say whose",
-                frame.id,
-            )
-        state = MessageState.DELIVERED if frame.type == "ack" else MessageState.READ
-        message: Message = found[0]
-        moved = await self._store.advance(message, state)
-        log.info(
-            "message_" + state.value if moved else "stale_transition",
-            extra={**session.log_fields, "message_id": message.id, "state": state.value},
+        Raises ``StoreUnavailable`` when the outcome is unknown: the client
+        resends with the same ids, which is safe.
+        """
+        sender = _require_user(session, drafts[0].id)
+        missing = set()
+        for email in {draft.recipient for draft in drafts} - {sender.email}:
+            if email not in self._known:
+                if await self._store.find_user(email) is None:
+                    missing.add(email)
+                else:
+                    self._known.add(email)
+        accepted = [draft for draft in drafts if draft.recipient not in missing]
+        outcomes = iter(
+            await self._store.send(sender.email, session.conn_id, accepted) if accepted else []
         )
+        for draft in drafts:
+            fields = {**session.log_fields, "message_id": draft.id}
+            if draft.recipient in missing:
+                outcome_frame = state_frame(
+                    draft.id,
+                    MessageState.FAILED,
+                    utcnow(),
+                    ErrorCode.NOT_FOUND.value,
+                    f"no user {draft.recipient}",
+                )
+                log.info("message_failed", extra={**fields, "code": ErrorCode.NOT_FOUND.value})
+            else:
+                outcome = next(outcomes)
+                outcome_frame = state_frame(
+                    outcome.id, outcome.state, outcome.at, outcome.code, outcome.reason
+                )
+                event = "message_stored" if outcome.stored else "message_resent"
+                if outcome.state is MessageState.FAILED:
+                    event = "message_failed"
+                log.info(event, extra={**fields, "state": outcome.state.value})
+            session.push(outcome_frame)
+
+    async def acknowledge(self, session: Session, frames: Sequence[AckFrame]) -> list[ClientError]:
+        """Record consecutive ``ack``/``read`` frames together; the refusals among them.
+
+        Waits until the transitions are written, so that a database that does
+        not answer is reported (``StoreUnavailable``), never silently dropped.
+        """
+        user = _require_user(session, frames[0].id)
+        # Only the caller's own inbox is searched: nobody acks another's message.
+        found: dict[str, list[Message]] = {}
+        for message in await self._store.find_inbox(user.email, [f.id for f in frames]):
+            found.setdefault(message.id, []).append(message)
+        refused: list[ClientError] = []
+        written = None
+        for frame in frames:
+            candidates = [m for m in found.get(frame.id, ()) if frame.sender in (None, m.sender)]
+            if not candidates:
+                refused.append(
+                    ClientError(ErrorCode.NOT_FOUND, f"you have no message {frame.id!r}", frame.id)
+                )
+            elif len(candidates) > 1:
+                refused.append(
+                    ClientError(
+                        ErrorCode.INVALID,
+                        f"several senders used the id {frame.id!r}; add 'from' to say whose",
+                        frame.id,
+                    )
+                )
+            else:
+                state = MessageState.DELIVERED if frame.type == "ack" else MessageState.READ
+                written = self._recorder.record(Transition.of(candidates[0], state))
+                log.info(
+                    "message_" + state.value,
+                    extra={**session.log_fields, "message_id": frame.id, "state": state.value},
+                )
+        if written is not None:
+            await asyncio.shield(written)  # Shared by the whole batch: never cancel it.
+        return refused
 
 
 def _require_user(session: Session, ref: str) -> User:

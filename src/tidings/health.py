@@ -1,4 +1,4 @@
-"""Health probes: liveness, readiness and metrics."""
+"""Health probes: liveness and readiness."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ async def readyz(request: Request) -> Response:
     services: Services = request.app.state.services
     if services.draining:
         return _unready("draining: the server is shutting down")
-    if not services.feed.running:
-        return _unready("change feed is not running")
+    feed = services.engine.feed
+    if not feed.running:
+        return _unready(f"change feed: {feed.problem or 'not running'}")
     try:
         async with asyncio.timeout(services.settings.ready_timeout):
-            await services.store.ping()
+            await services.engine.store.ping()
     except (StoreUnavailable, TimeoutError) as exc:
         return _unready(f"database is not answering: {str(exc) or 'timed out'}")
     return JSONResponse({"status": "ready"})

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, Protocol
 
-from tidings.feed import ChangeFeed
-from tidings.models import (
-    INBOX,
-    OUTBOX,
-    Change,
-    FeedEvent,
-    Message,
-    Resync,
-    as_datetime,
-    collection_for,
-)
+from tidings.engine import Feed
+from tidings.models import FeedEvent, Message, Resync, StateChanged, Stored
 from tidings.protocol import MessageState, state_frame
 
 log = logging.getLogger("tidings.hub")
@@ -32,7 +22,7 @@ class Subscriber(Protocol):
     def deliver(self, message: Message) -> None:
         """A message addressed to this subscriber's user was stored."""
 
-    def notify(self, frame: dict[str, Any]) -> None:
+    def push(self, frame: dict[str, Any]) -> None:
         """A frame for this subscriber's user, such as a state change."""
 
     def resync(self) -> None:
@@ -42,12 +32,12 @@ class Subscriber(Protocol):
 class Hub:
     """Fans feed events out to the sessions of this process.
 
-    The routing rule, the same whatever the feed: a new inbox document is a
-    message for its recipient; a state change of an outbox receipt is a
-    ``state`` frame for its sender. Everything else is ignored.
+    A stored message goes to its recipient's sessions; a state change goes to
+    its sender's sessions, except ``stored`` to the connection that sent the
+    message, which was answered directly.
     """
 
-    def __init__(self, feed: ChangeFeed) -> None:
+    def __init__(self, feed: Feed) -> None:
         self._feed = feed
         self._sessions: dict[str, set[Subscriber]] = {}
 
@@ -57,7 +47,7 @@ class Hub:
         first = not sessions
         sessions.add(subscriber)
         if first:
-            self._feed.watch(collection_for(email))
+            self._feed.watch(email)
         return first
 
     def detach(self, email: str, subscriber: Subscriber) -> bool:
@@ -69,12 +59,12 @@ class Hub:
         if sessions:
             return False
         del self._sessions[email]
-        self._feed.unwatch(collection_for(email))
+        self._feed.unwatch(email)
         return True
 
     async def ready(self, email: str) -> None:
-        """Wait until the feed delivers every change to ``email``'s collection from now on."""
-        await self._feed.ready(collection_for(email))
+        """Wait until the feed delivers every event for ``email`` from now on."""
+        await self._feed.ready(email)
 
     def online(self) -> list[str]:
         """The e-mails with at least one session on this process."""
@@ -82,30 +72,18 @@ class Hub:
 
     def dispatch(self, event: FeedEvent) -> None:
         """Hand one feed event to the sessions it concerns."""
-        if isinstance(event, Resync):
-            log.warning("resync", extra={"reason": event.reason, "stream": event.collection})
+        if isinstance(event, Stored):
+            for session in list(self._sessions.get(event.message.recipient, ())):
+                session.deliver(event.message)
+        elif isinstance(event, StateChanged):
+            frame = state_frame(event.id, event.state, event.at)
+            origin = event.origin if event.state is MessageState.STORED else None
+            for session in list(self._sessions.get(event.sender, ())):
+                if session.conn_id != origin:
+                    session.push(frame)
+        elif isinstance(event, Resync):
+            log.warning("resync", extra={"reason": event.reason, "email": event.email})
             for email, sessions in list(self._sessions.items()):
-                if event.collection in (None, collection_for(email)):
+                if event.email in (None, email):
                     for session in list(sessions):
                         session.resync()
-            return
-        self._route(event)
-
-    def _route(self, change: Change) -> None:
-        doc = change.doc
-        kind = doc.get("k")
-        if kind == INBOX and change.operation == "insert":
-            message = Message.from_doc(doc)
-            for session in list(self._sessions.get(message.recipient, ())):
-                session.deliver(message)
-        elif kind == OUTBOX and change.operation == "update":
-            self._state_changed(doc)
-
-    def _state_changed(self, doc: Mapping[str, Any]) -> None:
-        state = MessageState(doc["state"])
-        frame = state_frame(doc["mid"], state, as_datetime(doc["at"][state.value]))
-        # The connection that sent the message was answered ``stored`` directly.
-        origin = doc.get("conn") if state is MessageState.STORED else None
-        for session in list(self._sessions.get(doc["from"], ())):
-            if session.conn_id != origin:
-                session.notify(frame)

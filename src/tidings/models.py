@@ -1,23 +1,28 @@
-"""The records that flow from the store through the feed and hub to sessions."""
+"""The records that flow between the storage engines, the hub and the sessions.
+
+Nothing here knows how an engine keeps them: a ``Position`` is opaque to the
+core, which only compares positions of one recipient's messages.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
-
-from bson import ObjectId
+from typing import Any, NewType
 
 from tidings.protocol import MessageState, rfc3339
 
-INBOX = "in"
-OUTBOX = "out"
+Position = NewType("Position", int)
+"""Where a message stands in its recipient's inbox; later messages have larger ones.
+
+Engines hand positions out in the order messages are stored, so that the
+backlog, the live stream and ``since`` agree on one order.
+"""
 
 
 def collection_for(email: str) -> str:
-    """The name of the collection that holds ``email``'s messages.
+    """The name of the collection (the USER object's ``collection``) of ``email``.
 
     Derived from the normalised e-mail, never taken from a client: a SHA-256
     hex digest is valid in every MongoDB namespace whatever the e-mail holds,
@@ -30,22 +35,6 @@ def utcnow() -> datetime:
     """Now, truncated to the millisecond precision that BSON dates keep."""
     now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def as_datetime(value: datetime | str) -> datetime:
-    """A stored timestamp as a datetime.
-
-    MongoDB keeps the datetimes Tidings writes as BSON dates. nx-27017 turns a
-    datetime written by ``$set`` into an ISO string; this is the one place that
-    takes it back.
-    """
-    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
-
-
-def current_state(doc: Mapping[str, Any]) -> tuple[MessageState, datetime]:
-    """A message document's state, and when it reached it (inbox or receipt alike)."""
-    state = MessageState(doc["state"])
-    return state, as_datetime(doc.get("at", {}).get(state.value, doc["sent_at"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,37 +60,20 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One message as it lies in its recipient's collection."""
+    """One message as it lies in its recipient's inbox."""
 
-    oid: ObjectId
+    position: Position
     id: str
     sender: str
     recipient: str
     content: str
     sent_at: datetime
     state: MessageState
-    # When the message reached its current state.
-    state_at: datetime
 
     @property
     def key(self) -> tuple[str, str]:
         """Ids are unique per sender, so this pair names a message everywhere."""
         return (self.sender, self.id)
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> Message:
-        """Read an inbox document."""
-        state, state_at = current_state(doc)
-        return cls(
-            oid=doc["_id"],
-            id=doc["mid"],
-            sender=doc["from"],
-            recipient=doc["to"],
-            content=doc["content"],
-            sent_at=doc["sent_at"],
-            state=state,
-            state_at=state_at,
-        )
 
     def frame(self) -> dict[str, Any]:
         """The ``message`` frame pushed to the recipient."""
@@ -117,36 +89,75 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Draft:
+    """A message a sender asked to store: validated, not yet durable."""
+
+    id: str
+    recipient: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a send came to: the message's state, and the message if this send stored it."""
+    """What a send came to: the message's state now, and the message if this send stored it.
+
+    A refused send has state ``failed`` with the ``code`` and ``reason`` of its refusal.
+    """
 
     id: str
     state: MessageState
     at: datetime
     stored: Message | None = None
+    code: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """A write to a message collection, as a change feed reports it.
+class Transition:
+    """A message of ``recipient``'s, from ``sender`` with ``id``, moves forward to ``state``."""
 
-    ``doc`` is the document after the write; for an update its ``state`` is the
-    one that write set, not a later one, so every transition is seen.
+    sender: str
+    recipient: str
+    id: str
+    state: MessageState
+
+    @classmethod
+    def of(cls, message: Message, state: MessageState) -> Transition:
+        """The transition of ``message`` to ``state``."""
+        return cls(message.sender, message.recipient, message.id, state)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Feed event: ``message`` is now durable in its recipient's inbox."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    """Feed event: a message of ``sender``'s reached ``state`` at ``at``.
+
+    ``origin`` is the connection that sent the message; it was answered
+    ``stored`` directly, so the hub does not tell it again.
     """
 
-    operation: Literal["insert", "update"]
-    doc: Mapping[str, Any]
+    sender: str
+    id: str
+    state: MessageState
+    at: datetime
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Resync:
-    """The feed may have missed changes: sessions must re-read their backlog.
+    """Feed event: changes may have been missed, so sessions re-read their backlog.
 
-    ``collection`` names the one collection concerned; ``None`` means all.
+    ``email`` names the one user concerned; ``None`` means every user.
     """
 
     reason: str
-    collection: str | None = None
+    email: str | None = None
 
 
-FeedEvent = Change | Resync
+FeedEvent = Stored | StateChanged | Resync

@@ -34,6 +34,10 @@ _RANK = {
 }
 
 
+# States in which a message still waits for its recipient's client: the backlog.
+PENDING = frozenset({MessageState.STORED, MessageState.SENT})
+
+
 def advances(current: MessageState, new: MessageState) -> bool:
     """True when moving from ``current`` to ``new`` is a forward transition.
 

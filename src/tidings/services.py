@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 from tidings.auth import Authenticator
 from tidings.config import Settings
+from tidings.engine import Engine
 from tidings.errors import CloseCode
-from tidings.feed import ChangeFeed
 from tidings.handlers import Handlers
 from tidings.hub import Hub
+from tidings.recorder import Recorder
 from tidings.session import Session
-from tidings.store import Store
 
 log = logging.getLogger("tidings.services")
 
@@ -23,9 +23,9 @@ class Services:
     """Built by the lifespan and reached through ``app.state.services``."""
 
     settings: Settings
-    store: Store
-    feed: ChangeFeed
+    engine: Engine
     hub: Hub
+    recorder: Recorder
     handlers: Handlers
     authenticator: Authenticator
     draining: bool = False

@@ -6,22 +6,19 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bson import ObjectId
-
-from tidings.errors import CloseCode, TidingsError
+from tidings.engine import Presence, Store
+from tidings.errors import CloseCode, ConnectionGone, StoreUnavailable
 from tidings.hub import Hub
-from tidings.models import Message, User
+from tidings.models import Message, Position, Transition, User
 from tidings.protocol import MessageState, encode
-from tidings.store import Store
+from tidings.recorder import Recorder
 
 log = logging.getLogger("tidings.session")
-
-
-class ConnectionGone(Exception):
-    """The peer is no longer there to write to."""
 
 
 class Transport(Protocol):
@@ -34,19 +31,30 @@ class Transport(Protocol):
         """Close with a code and reason; never raises."""
 
 
-# A frame waiting to be written, and the message it carries if it is one.
-Outgoing = tuple[str, Message | None]
+@dataclass(slots=True)
+class _Out:
+    text: str
+    # A message frame: marked ``sent`` once written.
+    message: Message | None = None
+    # A state frame: the id of its message, so that a later state replaces it.
+    state_of: str | None = None
+    superseded: bool = False
 
 
 class Session:
     """A connection's server side.
 
-    Every frame for the client goes through one bounded queue, drained by one
-    writer task (the seed's ``streamWorker``), so frames leave in the order
-    they were queued. Live frames are offered without waiting: a client that
-    lets the queue fill cannot keep up and is disconnected, and nobody else
-    waits for it. Only the backlog waits for room, since it is read at the
-    pace the client takes it.
+    Every frame for the client goes through one queue, drained by one writer
+    task (the seed's ``streamWorker``), so frames leave in the order they were
+    queued, and the writer never waits on the database: ``sent`` goes to the
+    recorder. Nobody waits for a slow client either. Live messages that find
+    the queue full are dropped from memory, since they are durable, and read
+    again from the store once the client has caught up; a state frame
+    replaces an earlier one for the same message that is still queued (a state
+    may be skipped once a later one is recorded). Replies to the client's own
+    frames are always queued, and the endpoint reads its next frames only when
+    there is room. Only a client that takes no frame for ``write_timeout``
+    while frames wait is cut as a slow consumer.
     """
 
     def __init__(
@@ -54,31 +62,44 @@ class Session:
         conn_id: str,
         transport: Transport,
         store: Store,
+        presence: Presence,
         hub: Hub,
+        recorder: Recorder,
+        *,
         queue_size: int,
         backlog_batch: int,
+        write_timeout: float,
     ) -> None:
         self._conn_id = conn_id
         self._transport = transport
         self._store = store
+        self._presence = presence
         self._hub = hub
+        self._recorder = recorder
+        self._queue_size = queue_size
         self._backlog_batch = backlog_batch
-        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=queue_size)
+        self._write_timeout = write_timeout
+        self._queue: deque[_Out] = deque()
+        self._queued_states: dict[str, _Out] = {}
+        self._waiting = asyncio.Event()  # something is queued
+        self._room = asyncio.Event()  # the queue is below its size
+        self._room.set()
+        self._idle = asyncio.Event()  # nothing queued or being written
+        self._idle.set()
         self.user: User | None = None
-        self._since: ObjectId | None = None
+        self._since: Position | None = None
+        # The position of the last message queued: the live stream comes in
+        # position order, so anything at or before it was queued already.
+        self._last: Position | None = None
         # While the backlog is read, live messages wait here to be joined to it.
         self._joining = False
         self._pending: list[Message] = []
-        # What the backlog sent: the feed may still bring some of it afterwards,
-        # since it was stored after the subscription opened but before the read.
-        self._streamed: set[tuple[str, str]] = set()
-        self._pending_limit = queue_size * 4
+        # Live messages were dropped; they are read again from the store.
+        self._behind = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
-        # Set once the session stops taking frames; ``_closed`` once close() ran.
-        self._closing = False
-        self._closed = False
-        self.closed = asyncio.Event()
+        self._closing = False  # no frame is taken or queued any more
+        self.closed = asyncio.Event()  # every task has ended
 
     @property
     def conn_id(self) -> str:
@@ -110,46 +131,53 @@ class Session:
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the client without waiting."""
-        self._offer((encode(frame), None))
+        state_of = frame["id"] if frame["type"] == "state" else None
+        # Only a client that falls behind misses states; others see every one.
+        behind = len(self._queue) >= self._queue_size // 2
+        if state_of is not None and behind and (earlier := self._queued_states.get(state_of)):
+            earlier.superseded = True
+        out = _Out(encode(frame), state_of=state_of)
+        if state_of is not None:
+            self._queued_states[state_of] = out
+        self._append(out)
+        if len(self._queue) > self._queue_size * 8:
+            self._cut("too many frames waiting to be sent")
 
     def deliver(self, message: Message) -> None:
         if self._joining:
-            if len(self._pending) >= self._pending_limit:
-                self._overflow()
-            else:
+            if len(self._pending) < self._queue_size * 4:
                 self._pending.append(message)
-            return
-        if message.key in self._streamed:
-            self._streamed.discard(message.key)  # It comes once more at most.
-            return
-        self._offer((encode(message.frame()), message))
+            else:
+                self._behind = True
+        elif not self._behind:
+            self._offer(message)
 
-    def notify(self, frame: dict[str, Any]) -> None:
-        self.push(frame)
+    async def room(self) -> None:
+        """Wait until the queue has room: the endpoint reads no frame before."""
+        await self._room.wait()
 
-    async def identify(self, user: User, since: ObjectId | None) -> None:
+    async def identify(self, user: User, since: Position | None) -> None:
         """Become ``user``'s session: join the backlog to the live stream."""
         self.user = user
         self._since = since
         # Joining starts before anything is awaited, so that a message the hub
         # brings from now on waits in ``_pending`` to be joined to the backlog.
-        self._hub.attach(user.email, self)
-        self._begin_stream()
-        try:
-            await self._store.set_presence(user.email, True)
-        except TidingsError as exc:
-            # Others see this user offline until the next refresh; nothing else suffers.
-            log.warning("presence_failed", extra={**self.log_fields, "error": str(exc)})
+        first = self._hub.attach(user.email, self)
+        self._begin_stream(None)
+        if first:
+            await self._set_presence(True)
 
     def resync(self) -> None:
         if self.user is not None and not self._closing:
-            self._begin_stream()
+            self._begin_stream(None)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""
-        if self._closed:
-            return
-        self._closed = self._closing = True
+        if not self._closing:
+            self._closing = True
+            await self._shut(code, reason)
+
+    async def _shut(self, code: int, reason: str) -> None:
         log.info("connection_closing", extra={**self.log_fields, "code": code, "reason": reason})
         # Stop writing first: the close frame must not wait behind frames that a
         # slow client will never take.
@@ -160,7 +188,7 @@ class Session:
         """Close after writing what is already queued, waiting at most ``flush_timeout``."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(flush_timeout):
-                await self._queue.join()
+                await self._idle.wait()
         await self.close(code, reason)
 
     async def stop(self) -> None:
@@ -172,83 +200,105 @@ class Session:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.user is not None and self._hub.detach(self.user.email, self):
-            with contextlib.suppress(TidingsError):
-                await self._store.set_presence(self.user.email, False)
+            await self._set_presence(False)
         self.closed.set()
 
-    def _begin_stream(self) -> None:
+    async def _set_presence(self, online: bool) -> None:
+        assert self.user is not None
+        try:
+            await self._presence.set(self.user.email, online)
+        except StoreUnavailable as exc:
+            # Others see this user's presence late until the next refresh; nothing else suffers.
+            log.warning("presence_failed", extra={**self.log_fields, "error": str(exc)})
+
+    def _begin_stream(self, after: Position | None) -> None:
         # Subscribed first (the hub is attached), then the backlog is read, so a
         # message stored meanwhile is either in the backlog or in ``_pending``.
         if self._stream is not None:
             self._stream.cancel()
-        self._joining = True
+        self._joining, self._behind, self._last = True, False, after
         self._pending.clear()
-        self._stream = self._spawn(self._join)
+        self._stream = self._spawn(functools.partial(self._join, after))
 
-    async def _join(self) -> None:
+    async def _join(self, after: Position | None) -> None:
         assert self.user is not None
         email = self.user.email
         await self._hub.ready(email)
-        self._streamed = streamed = set()
-        after: ObjectId | None = None
+        count = 0
         while not self._closing:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
             for message in page:
-                await self._queue.put((encode(message.frame()), message))
-                streamed.add(message.key)
+                await self._room.wait()  # The backlog goes at the pace the client reads.
+                self._append(_Out(encode(message.frame()), message))
+                self._last = message.position
+            count += len(page)
             if len(page) < self._backlog_batch:
                 break
-            after = page[-1].oid
-        event = "messages_found" if streamed else "no_messages_found"
-        log.info(event, extra={**self.log_fields, "count": len(streamed)})
+            after = page[-1].position
+        log.info("messages_found" if count else "no_messages_found", extra=self.log_fields)
         # No await from here on: the live stream takes over exactly where the backlog ends.
+        behind, self._behind = self._behind, False
         for message in self._pending:
-            if message.key in streamed:
-                streamed.discard(message.key)
-            else:
-                self._offer((encode(message.frame()), message))
+            self._offer(message)
+        self._behind = self._behind or behind
         self._pending.clear()
         self._joining = False
 
-    async def _write(self) -> None:
-        try:
-            # Checked as well as cancellation, which a database call racing its
-            # own timeout can lose on Python 3.11 (see changestream._Follower).
-            while not self._closing:
-                text, message = await self._queue.get()
-                try:
-                    await self._transport.send_text(text)
-                    if message is not None and message.state is MessageState.STORED:
-                        await self._mark_sent(message)
-                finally:
-                    self._queue.task_done()
-        except ConnectionGone:
+    def _offer(self, message: Message) -> None:
+        if self._last is not None and message.position <= self._last:
+            return  # The backlog had it already.
+        if len(self._queue) >= self._queue_size:
+            # Durable, so it is read again once the client has caught up.
+            self._behind = True
             return
+        self._append(_Out(encode(message.frame()), message))
+        self._last = message.position
 
-    async def _mark_sent(self, message: Message) -> None:
-        try:
-            await self._store.advance(message, MessageState.SENT)
-        except TidingsError as exc:
-            # The message stays ``stored`` and is redelivered; only the sender's
-            # ``sent`` notice is lost.
-            log.warning(
-                "mark_sent_failed",
-                extra={**self.log_fields, "message_id": message.id, "error": str(exc)},
-            )
-
-    def _offer(self, item: Outgoing) -> None:
+    def _append(self, out: _Out) -> None:
         if self._closing:
             return  # Stored messages are redelivered on the next connection.
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._overflow()
+        self._queue.append(out)
+        self._waiting.set()
+        self._idle.clear()
+        if len(self._queue) >= self._queue_size:
+            self._room.clear()
 
-    def _overflow(self) -> None:
-        log.warning("slow_consumer", extra={**self.log_fields, "queued": self._queue.qsize()})
+    async def _write(self) -> None:
+        # Checked as well as cancellation, which a database call racing its
+        # own timeout can lose on Python 3.11 (see the change-stream feed).
+        while not self._closing:
+            if not self._queue:
+                self._idle.set()
+                await self._waiting.wait()
+                self._waiting.clear()
+                continue
+            out = self._queue.popleft()
+            if len(self._queue) < self._queue_size:
+                self._room.set()
+            if self._behind and not self._joining and len(self._queue) <= self._queue_size // 2:
+                self._begin_stream(self._last)  # Caught up enough: read what was dropped.
+            if out.state_of is not None and self._queued_states.get(out.state_of) is out:
+                del self._queued_states[out.state_of]
+            if out.superseded:
+                continue
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await self._transport.send_text(out.text)
+            except TimeoutError:
+                self._cut(f"no frame taken for {self._write_timeout:g} seconds")
+                return
+            except ConnectionGone:
+                return
+            if out.message is not None and out.message.state is MessageState.STORED:
+                self._recorder.record(Transition.of(out.message, MessageState.SENT))
+
+    def _cut(self, why: str) -> None:
+        if self._closing:
+            return
         self._closing = True
-        reason = "slow consumer: too many frames waiting to be sent"
-        self._spawn(functools.partial(self.close, CloseCode.POLICY_VIOLATION, reason))
+        log.warning("slow_consumer", extra={**self.log_fields, "queued": len(self._queue)})
+        reason = f"slow consumer: {why}"
+        self._spawn(functools.partial(self._shut, CloseCode.POLICY_VIOLATION, reason))
 
     def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         # Takes a function, not a coroutine, so that a task cancelled before it
@@ -263,7 +313,7 @@ class Session:
             await work()
         except asyncio.CancelledError:
             raise
-        except TidingsError as exc:
+        except StoreUnavailable as exc:
             log.warning("session_task_failed", extra={**self.log_fields, "error": str(exc)})
             await self.close(CloseCode.TRY_AGAIN_LATER, "service unavailable, reconnect later")
         except Exception:

@@ -10,6 +10,7 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
+from tidings.engine.mongo.errors import guarded
 from tidings.models import utcnow
 
 # A process refreshes its users' records well within this; a crashed
@@ -37,11 +38,13 @@ class Presence:
             ]
         )
 
+    @guarded
     async def is_online(self, email: str) -> bool:
         """Whether any process holds a connection of ``email``."""
         live = {"email": email, "expires_at": {"$gt": utcnow()}}
         return await self._records.find_one(live) is not None
 
+    @guarded
     async def set(self, email: str, online: bool) -> None:
         """Record that this process does or no longer holds a connection of ``email``."""
         if online:
@@ -51,6 +54,7 @@ class Presence:
         else:
             await self._records.delete_one(self._key(email))
 
+    @guarded
     async def refresh(self, emails: Sequence[str]) -> None:
         """Keep this process's records alive, creating any that a failed write left out."""
         if not emails:

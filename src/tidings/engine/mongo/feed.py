@@ -20,14 +20,14 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
-from tidings.feed import Sink
-from tidings.models import Change, FeedEvent, Resync
+from tidings.engine.base import Sink
+from tidings.engine.mongo.documents import event_of
+from tidings.errors import StreamClosed
+from tidings.models import FeedEvent, Resync, collection_for
 
 log = logging.getLogger("tidings.changestream")
 
@@ -36,10 +36,6 @@ log = logging.getLogger("tidings.changestream")
 RESTART_CODES = frozenset({280, 260, 286})
 WATCHED_OPERATIONS = ["insert", "update", "replace", "invalidate"]
 ENDING_OPERATIONS = frozenset({"invalidate", "drop", "dropDatabase", "rename"})
-
-
-class StreamClosed(PyMongoError):
-    """A change stream ended without an invalidate event; it is resumed, not restarted."""
 
 
 class ChangeStream(Protocol):
@@ -74,6 +70,7 @@ class _Follower:
     """One stream's task and what sessions wait on before reading their backlog."""
 
     name: str | None  # the collection, or None for the database stream
+    email: str | None = None  # whose collection it is
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = False
     task: asyncio.Task[None] | None = None
@@ -96,7 +93,7 @@ class _Follower:
 
 
 class MongoChangeFeed:
-    """``ChangeFeed`` on MongoDB change streams."""
+    """``Feed`` on MongoDB change streams."""
 
     def __init__(
         self,
@@ -131,6 +128,13 @@ class MongoChangeFeed:
     def running(self) -> bool:
         return self._active and all(f.healthy for f in self._followers.values())
 
+    @property
+    def problem(self) -> str | None:
+        if not self._active:
+            return "the change feed is not running"
+        down = [f.label for f in self._followers.values() if not f.healthy]
+        return f"change stream not open: {', '.join(down[:3])}" if down else None
+
     async def run(self, sink: Sink) -> None:
         self._sink = sink
         self._active = True
@@ -149,23 +153,25 @@ class MongoChangeFeed:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def watch(self, collection: str) -> None:
+    def watch(self, email: str) -> None:
+        collection = collection_for(email)
         if self._scope == "collection" and collection not in self._followers:
-            follower = _Follower(collection)
+            follower = _Follower(collection, email)
             self._followers[collection] = follower
             if self._active:
                 self._start(follower)
 
-    def unwatch(self, collection: str) -> None:
+    def unwatch(self, email: str) -> None:
+        collection = collection_for(email)
         follower = self._followers.pop(collection, None) if self._scope == "collection" else None
         if follower is not None:
             follower.stopped = True
             if follower.task is not None:
                 follower.task.cancel()
 
-    async def ready(self, collection: str) -> None:
-        """Wait until changes to ``collection`` made from now on will be delivered."""
-        key = collection if self._scope == "collection" else None
+    async def ready(self, email: str) -> None:
+        """Wait until changes to ``email``'s collection made from now on will be delivered."""
+        key = collection_for(email) if self._scope == "collection" else None
         follower = self._followers.get(key)
         if follower is not None:
             await follower.opened.wait()
@@ -188,7 +194,7 @@ class MongoChangeFeed:
                     await self._back_off(follower, exc)
                     continue
                 reason = f"resume token unusable: {exc.code} {exc}"
-            except PyMongoError as exc:
+            except (PyMongoError, StreamClosed) as exc:
                 await self._back_off(follower, exc)
                 continue
             if follower.stopped:
@@ -213,7 +219,7 @@ class MongoChangeFeed:
             follower.failures = 0
             if follower.resync is not None:
                 # Only now, with the new stream open, can a backlog read miss nothing.
-                self._emit(Resync(follower.resync, follower.name))
+                self._emit(Resync(follower.resync, follower.email))
                 follower.resync = None
             return await self._drain(stream, follower)
         finally:
@@ -241,13 +247,13 @@ class MongoChangeFeed:
             operation = change.get("operationType")
             if operation in ENDING_OPERATIONS:
                 return f"the change stream ended: {operation}"
-            event = decode(change)
+            event = event_of(change)
             if event is not None and not follower.stopped:
                 self._emit(event)
             # try_next() does not yield within a batch; let the writers drain.
             await asyncio.sleep(0)
 
-    async def _back_off(self, follower: _Follower, exc: PyMongoError) -> None:
+    async def _back_off(self, follower: _Follower, exc: Exception) -> None:
         follower.healthy = False
         exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
         delay = self._jitter(min(self._backoff_cap, self._backoff_base * 2**exponent))
@@ -273,39 +279,3 @@ class MongoChangeFeed:
         except Exception:
             # One event the hub cannot route must not stop delivery of the rest.
             log.exception("feed_event_failed", extra={"event_type": type(event).__name__})
-
-
-def decode(change: Mapping[str, Any]) -> Change | None:
-    """A change-stream event as a ``Change``; ``None`` for events the hub has no use for."""
-    operation = change.get("operationType")
-    doc = change.get("fullDocument")
-    if operation not in ("insert", "update", "replace") or doc is None:
-        return None  # An update whose document is gone by lookup time has no one to tell.
-    doc = _typed(doc)
-    if operation == "insert":
-        return Change("insert", doc)
-    # updateLookup may return a later version; the state this write set is in
-    # updatedFields. (nx-27017 sends no updateDescription; its fullDocument is
-    # the document as that write left it.)
-    updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
-    if "state" in updated:
-        doc = {**doc, "state": updated["state"]}
-    return Change("update", doc)
-
-
-def _typed(value: Any) -> Any:
-    """Undo nx-27017's encoding of ``fullDocument``; a no-op on MongoDB's BSON.
-
-    nx-27017 sends change-stream documents in NeoSQLite's JSON encoding rather
-    than BSON: ObjectIds as ``{"__neosqlite_objectid__": true, "id": HEX}`` and
-    dates as ``{"$date": ISO}``. This is the one place that knows.
-    """
-    if isinstance(value, dict):
-        if value.get("__neosqlite_objectid__") is True:
-            return ObjectId(value["id"])
-        if set(value) == {"$date"} and isinstance(value["$date"], str):
-            return datetime.fromisoformat(value["$date"])
-        return {key: _typed(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_typed(item) for item in value]
-    return value

@@ -1,0 +1,42 @@
+"""Storage engines behind one seam (``base``): ``memory`` and ``mongo``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from tidings.config import Settings
+from tidings.engine.base import Engine, Feed, Presence, Sink, Store
+from tidings.engine.memory import memory_engine
+from tidings.engine.mongo import open_mongo
+
+__all__ = ["Engine", "Feed", "Presence", "Sink", "Store", "open_engine"]
+
+log = logging.getLogger("tidings.engine")
+
+
+@asynccontextmanager
+async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
+    """The engine the settings ask for, open for the lifetime of the context."""
+    if settings.embedded:
+        log.warning(
+            "embedded_store",
+            extra={
+                "detail": "TIDINGS_MONGODB_URI is not set: messages live in memory and are "
+                "LOST when the process exits. Set it for anything but a trial."
+            },
+        )
+        engine = memory_engine()
+        await engine.store.start()
+        try:
+            yield engine
+        finally:
+            await engine.store.close()
+        return
+    async with open_mongo(settings) as engine:
+        await engine.store.start()
+        try:
+            yield engine
+        finally:
+            await engine.store.close()

@@ -1,0 +1,47 @@
+"""The MongoDB engine: ``MongoStore``, the change-stream feed and shared presence."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
+
+from tidings.config import Settings
+from tidings.engine.base import Engine
+from tidings.engine.mongo.documents import Document
+from tidings.engine.mongo.feed import MongoChangeFeed
+from tidings.engine.mongo.presence import Presence
+from tidings.engine.mongo.store import MongoStore
+from tidings.errors import StoreUnavailable
+
+__all__ = ["MongoChangeFeed", "MongoStore", "open_mongo"]
+
+
+@asynccontextmanager
+async def open_mongo(settings: Settings) -> AsyncIterator[Engine]:
+    """The MongoDB engine the settings name, connected for the lifetime of the context."""
+    assert settings.mongodb_uri, "Settings refuses an empty TIDINGS_MONGODB_URI"
+    budget_ms = int(settings.mongodb_timeout * 1000)
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        settings.mongodb_uri,
+        tz_aware=True,
+        appname="tidings",
+        # Every operation, retries included, ends within the budget (the
+        # driver's client-side operation timeout): a slow or frozen database
+        # fails requests instead of hanging them.
+        timeoutMS=budget_ms,
+        serverSelectionTimeoutMS=budget_ms,
+    )
+    try:
+        db = client[settings.database]
+        presence = Presence(db["presence"])
+        try:
+            await presence.start()
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"database error: {exc}") from exc
+        feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
+        yield Engine("mongodb", MongoStore(db), feed, presence)
+    finally:
+        await client.close()

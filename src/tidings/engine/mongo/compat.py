@@ -1,0 +1,46 @@
+"""Where nx-27017 (the MongoDB wire-protocol server on SQLite the tests run on) differs.
+
+Tidings is written to MongoDB's documented behaviour. Each difference of the
+stand-in that the code has to allow for is handled here, and only here:
+
+- change-stream documents come in NeoSQLite's JSON encoding instead of BSON
+  (``typed``);
+- a datetime written with ``$set`` comes back as an ISO string (``as_datetime``);
+- it sends no ``updateDescription`` with update events; its ``fullDocument`` is
+  the document as that write left it (see ``documents.event_of``);
+- it cannot watch a database, only collections (the tests run it in
+  ``collection`` scope);
+- it answers an idle ``getMore`` at once instead of waiting ``maxAwaitTimeMS``
+  (the change-stream feed pauses between empty batches);
+- it closes a change stream's cursor when the connection that opened it closes,
+  which MongoDB does only after an invalidate (the feed resumes such a stream).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+
+
+def typed(value: Any) -> Any:
+    """Undo nx-27017's encoding of a change-stream document; a no-op on MongoDB's BSON.
+
+    nx-27017 sends ObjectIds as ``{"__neosqlite_objectid__": true, "id": HEX}``
+    and dates as ``{"$date": ISO}``.
+    """
+    if isinstance(value, dict):
+        if value.get("__neosqlite_objectid__") is True:
+            return ObjectId(value["id"])
+        if set(value) == {"$date"} and isinstance(value["$date"], str):
+            return datetime.fromisoformat(value["$date"])
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return value
+
+
+def as_datetime(value: datetime | str) -> datetime:
+    """A stored timestamp as a datetime (nx-27017 turns ``$set`` datetimes into strings)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
