@@ -79,9 +79,27 @@ class NxServer:
             self._process.wait(TIMEOUT)
         self._process = None
 
+    def freeze(self) -> None:
+        """Stop the process without killing it: its sockets stay open and answer nothing."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen server run again."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the process is stopped right now (state ``T`` in /proc)."""
+        assert self._process is not None
+        with open(f"/proc/{self._process.pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("T", "t")
+
     def stop(self) -> None:
         """Stop the server politely."""
         if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)  # A frozen server cannot stop.
             self._process.terminate()
             try:
                 self._process.wait(TIMEOUT)

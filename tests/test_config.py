@@ -108,11 +108,19 @@ def test_no_origins(value: str | None) -> None:
     assert Settings(allowed_origins=value).origins == frozenset()
 
 
-@pytest.mark.parametrize(
-    ("uri", "embedded"), [(None, True), ("", True), ("mongodb://localhost:27017", False)]
-)
+@pytest.mark.parametrize(("uri", "embedded"), [(None, True), ("mongodb://localhost:27017", False)])
 def test_embedded(uri: str | None, embedded: bool) -> None:
     assert Settings(mongodb_uri=uri).embedded is embedded
+
+
+@pytest.mark.parametrize("uri", ["", "  "])
+def test_an_empty_mongodb_uri_is_a_configuration_error(
+    uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty Secret in a Deployment must not give every pod a store of its own.
+    monkeypatch.setenv("TIDINGS_MONGODB_URI", uri)
+    with pytest.raises(ValidationError, match="TIDINGS_MONGODB_URI is set but empty"):
+        Settings()
 
 
 def test_settings_are_frozen() -> None:

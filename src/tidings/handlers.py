@@ -6,7 +6,6 @@ endpoint turns them into frames.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections import OrderedDict
@@ -179,7 +178,7 @@ class Handlers:
         for message in await self._store.find_inbox(user.email, [f.id for f in frames]):
             found.setdefault(message.id, []).append(message)
         refused: list[ClientError] = []
-        written = None
+        transitions: list[Transition] = []
         for frame in frames:
             candidates = [m for m in found.get(frame.id, ()) if frame.sender in (None, m.sender)]
             if not candidates:
@@ -196,13 +195,13 @@ class Handlers:
                 )
             else:
                 state = MessageState.DELIVERED if frame.type == "ack" else MessageState.READ
-                written = self._recorder.record(Transition.of(candidates[0], state))
+                transitions.append(Transition.of(candidates[0], state))
                 log.info(
                     "message_" + state.value,
                     extra={**session.log_fields, "message_id": frame.id, "state": state.value},
                 )
-        if written is not None:
-            await asyncio.shield(written)  # Shared by the whole batch: never cancel it.
+        if transitions:
+            await self._recorder.write(transitions)
         return refused
 
 

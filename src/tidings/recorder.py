@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from tidings.engine import Store
 from tidings.errors import StoreUnavailable
@@ -24,25 +25,42 @@ Key = tuple[str, str, str]
 
 
 class Recorder:
-    """Batches transitions for one store; ``run`` is its one task, owned by the app."""
+    """Batches transitions for one store; ``run`` is its one task, owned by the app.
 
-    def __init__(self, store: Store) -> None:
+    A batch holds at most ``max_batch`` messages, so that one write stays well
+    within the database's time budget however far behind the recorder is.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 256) -> None:
         self._store = store
+        self._max_batch = max_batch
         self._waiting: dict[Key, Transition] = {}
-        self._written = _batch_future()
+        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
 
-    def record(self, transition: Transition) -> asyncio.Future[None]:
-        """Queue ``transition``; the future settles once the batch carrying it is written.
-
-        Callers that do not need to know (a writer marking ``sent``) ignore it.
-        """
+    def record(self, transition: Transition) -> None:
+        """Queue ``transition`` to be written; nobody waits for it."""
         key = (transition.recipient, transition.sender, transition.id)
         queued = self._waiting.get(key)
         if queued is None or advances(queued.state, transition.state):
             self._waiting[key] = transition
         self._wake.set()
-        return self._written
+
+    async def write(self, transitions: Sequence[Transition]) -> None:
+        """Queue ``transitions`` and wait until they are written.
+
+        Raises ``StoreUnavailable`` when the database did not take them in time.
+        """
+        loop = asyncio.get_running_loop()
+        futures = []
+        for transition in transitions:
+            self.record(transition)
+            future: asyncio.Future[None] = loop.create_future()
+            key = (transition.recipient, transition.sender, transition.id)
+            self._waiters.setdefault(key, []).append(future)
+            futures.append(future)
+        # Shielded: a caller that goes away must not cancel what others wait on.
+        await asyncio.shield(asyncio.gather(*futures))
 
     async def run(self) -> None:
         """Write batches until cancelled; then write what is still waiting, once."""
@@ -57,28 +75,27 @@ class Recorder:
                 await self._flush()
 
     async def _flush(self) -> None:
-        batch = list(self._waiting.values())
-        self._waiting.clear()
-        written, self._written = self._written, _batch_future()
+        keys = list(self._waiting)[: self._max_batch]
+        batch = [self._waiting.pop(key) for key in keys]
+        waiters = [future for key in keys for future in self._waiters.pop(key, ())]
         try:
             await self._store.record(batch)
         except StoreUnavailable as exc:
             log.warning("record_failed", extra={"count": len(batch), "error": str(exc)})
-            written.set_exception(exc)
+            _settle(waiters, exc)
         except BaseException:
-            written.set_exception(StoreUnavailable("the recorder stopped"))
+            _settle(waiters, StoreUnavailable("the recorder stopped"))
             raise
         else:
-            written.set_result(None)
+            _settle(waiters, None)
 
 
-def _batch_future() -> asyncio.Future[None]:
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    # Often nobody waits on a batch; a failure is logged by the recorder itself.
-    future.add_done_callback(_retrieve)
-    return future
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+            future.exception()  # Retrieved: its waiter may have gone.
