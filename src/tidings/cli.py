@@ -16,10 +16,12 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from tidings.app import create_app
-from tidings.auth import ConfigError, JWTAuthenticator
+from tidings.auth import JWTAuthenticator
 from tidings.config import Settings
+from tidings.errors import ConfigError
 from tidings.logs import configure_logging
 from tidings.protocol import normalise_email
+from tidings.wsprotocol import bounded_close_protocol
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +134,8 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=settings.websocket_compression,
+        # uvicorn's own protocol waits forever on a peer that stops reading.
+        ws=bounded_close_protocol(settings.close_timeout),
     )
 
 
