@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
+import pytest
+from mongomock.collection import BulkOperationBuilder
 from mongomock_motor import AsyncMongoMockClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -37,6 +39,24 @@ CAROL = "carol@example.com"
 def mock_db(name: str = "tidings") -> AsyncDatabase[Document]:
     """A fresh mongomock database behind PyMongo's async API (a test double, not an engine)."""
     return cast("AsyncDatabase[Document]", AsyncMongoMockClient(tz_aware=True)[name])
+
+
+def teach_mongomock_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let mongomock take the ``sort`` PyMongo >= 4.11 hands every ``UpdateOne``.
+
+    Its bulk builder predates the option and refuses the keyword, so every
+    ``bulk_write`` of MongoStore would fail on the test double, not on MongoDB.
+    An update with an actual sort would still be refused.
+    """
+    original: Callable[..., Any] = BulkOperationBuilder.add_update
+
+    def add_update(
+        self: Any, selector: Any, doc: Any, *args: Any, sort: Any = None, **kw: Any
+    ) -> Any:
+        assert sort is None, "mongomock cannot sort an update"
+        return original(self, selector, doc, *args, **kw)
+
+    monkeypatch.setattr(BulkOperationBuilder, "add_update", add_update)
 
 
 def at(second: int = 0) -> datetime:

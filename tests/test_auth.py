@@ -21,8 +21,6 @@ from starlette.requests import HTTPConnection
 from tidings.auth import (
     APP_SUBPROTOCOL,
     LEEWAY,
-    AuthFailed,
-    ConfigError,
     DevAuthenticator,
     JWTAuthenticator,
     Principal,
@@ -30,6 +28,7 @@ from tidings.auth import (
     origin_allowed,
 )
 from tidings.config import Settings
+from tidings.errors import AuthFailed, ConfigError
 
 SECRET = "s" * 32
 OTHER_SECRET = "o" * 32

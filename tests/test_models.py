@@ -1,22 +1,40 @@
-"""The records that flow from the store to sessions."""
+"""The records that flow between the storage engines, the hub and the sessions."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from datetime import UTC, datetime, timedelta, timezone
 
-from bson import ObjectId
+import pytest
 
-from tests.fakes import ALICE, BOB, at, inbox_doc
-from tidings.models import Change, Message, Resync, User, collection_for
+from tests.fakes import ALICE, BOB, at, message
+from tidings.models import (
+    Outcome,
+    Resync,
+    StateChanged,
+    Stored,
+    Transition,
+    User,
+    collection_for,
+    utcnow,
+)
 from tidings.protocol import MessageState
 
-# What MongoDB forbids in a collection name, and its namespace budget.
+# What MongoDB forbids in a collection name.
 FORBIDDEN = re.compile(r"[$\x00]")
 
 
+# --- collection_for ---------------------------------------------------------------------
+
+
 def test_collection_for_is_deterministic() -> None:
-    assert collection_for(ALICE) == collection_for(ALICE)
     assert collection_for(ALICE) == collection_for("alice@example.com")
+    # Collections outlive processes and versions: the name must never change.
+    assert (
+        collection_for(ALICE)
+        == "m_" + "ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad60e28eaaa8c6d976"
+    )
 
 
 def test_collection_for_looks_like_a_valid_collection_name() -> None:
@@ -33,6 +51,23 @@ def test_collection_for_is_distinct_per_email() -> None:
     assert len(names) == len(emails)
 
 
+# --- utcnow -----------------------------------------------------------------------------
+
+
+def test_utcnow_is_aware_utc_truncated_to_the_millisecond() -> None:
+    for _ in range(50):
+        before = datetime.now(UTC)
+        now = utcnow()
+        after = datetime.now(UTC)
+        assert now.tzinfo is UTC
+        assert now.microsecond % 1000 == 0
+        # Truncated, never rounded up: within the millisecond that ``before`` began.
+        assert before - timedelta(milliseconds=1) < now <= after
+
+
+# --- User -------------------------------------------------------------------------------
+
+
 def test_user_public_is_the_protocol_user_object() -> None:
     user = User(id="u1", email=ALICE, name="alice", collection=collection_for(ALICE))
     assert user.public() == {
@@ -42,39 +77,17 @@ def test_user_public_is_the_protocol_user_object() -> None:
         "collection": collection_for(ALICE),
         "online": False,
     }
-    online = User(id="u1", email=ALICE, name="alice", collection="c", online=True)
+    online = dataclasses.replace(user, online=True)
     assert online.public()["online"] is True
+    assert user.public()["online"] is False
 
 
-def test_message_from_inbox_doc() -> None:
-    doc = inbox_doc(mid="m9", sender=ALICE, recipient=BOB)
-    message = Message.from_doc(doc)
-    assert message.oid == doc["_id"]
-    assert (message.id, message.sender, message.recipient) == ("m9", ALICE, BOB)
-    assert message.content == "hello"
-    assert message.sent_at == at(0)
-    assert message.state is MessageState.STORED
-    assert message.state_at == at(0)
-    assert message.key == (ALICE, "m9")
+# --- Message ----------------------------------------------------------------------------
 
 
-def test_message_state_at_is_the_time_of_its_current_state() -> None:
-    doc = {**inbox_doc(), "state": "delivered", "at": {"stored": at(0), "delivered": at(9)}}
-    assert Message.from_doc(doc).state_at == at(9)
-
-
-def test_message_state_at_falls_back_to_sent_at() -> None:
-    doc = inbox_doc()
-    del doc["at"]
-    assert Message.from_doc(doc).state_at == at(0)
-    doc["at"] = {"stored": at(3)}
-    doc["state"] = "sent"
-    assert Message.from_doc(doc).state_at == at(0)
-
-
-def test_message_frame() -> None:
-    doc = {**inbox_doc(mid="m2"), "state": "sent"}
-    assert Message.from_doc(doc).frame() == {
+def test_message_frame_is_the_message_frame_of_the_protocol() -> None:
+    sent = message(mid="m2", sender=ALICE, recipient=BOB, state=MessageState.SENT, position=8)
+    assert sent.frame() == {
         "type": "message",
         "id": "m2",
         "from": ALICE,
@@ -85,16 +98,61 @@ def test_message_frame() -> None:
     }
 
 
+def test_message_frame_writes_naive_and_other_zone_times_in_utc() -> None:
+    naive = dataclasses.replace(message(), sent_at=datetime(2026, 1, 2, 3, 4, 0, 567000))
+    assert naive.frame()["sent_at"] == "2026-01-02T03:04:00.567Z"
+    zone = datetime(2026, 1, 2, 7, 4, 0, 567890, tzinfo=timezone(timedelta(hours=2)))
+    shifted = dataclasses.replace(message(), sent_at=zone)
+    assert shifted.frame()["sent_at"] == "2026-01-02T05:04:00.567Z"
+
+
 def test_keys_name_a_message_by_sender_and_id() -> None:
-    one = Message.from_doc(inbox_doc(mid="x", sender=ALICE))
-    other = Message.from_doc({**inbox_doc(mid="x", sender=BOB), "_id": ObjectId()})
-    assert one.key != other.key
-    assert one.key == Message.from_doc(inbox_doc(mid="x", sender=ALICE)).key
+    one = message(mid="x", sender=ALICE, position=1)
+    assert one.key == (ALICE, "x")
+    # The same id from another sender is another message, wherever it lies.
+    assert message(mid="x", sender=BOB, position=1).key != one.key
+    # The same sender and id is the same message, whatever its position or state.
+    again = message(mid="x", sender=ALICE, state=MessageState.READ, position=7)
+    assert again.key == one.key
 
 
-def test_feed_events_are_values() -> None:
-    doc = inbox_doc()
-    assert Change("insert", doc) == Change("insert", doc)
-    assert Change("insert", doc) != Change("update", doc)
-    assert Resync("lost") == Resync("lost")
-    assert Resync("lost").reason == "lost"
+def test_messages_are_values() -> None:
+    assert message(position=2) == message(position=2)
+    assert message(position=2) != message(position=3)
+    assert hash(message()) == hash(message())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message().state = MessageState.READ  # type: ignore[misc]
+
+
+# --- Transition -------------------------------------------------------------------------
+
+
+def test_transition_of_a_message() -> None:
+    one = message(mid="m3", sender=ALICE, recipient=BOB, position=5)
+    assert Transition.of(one, MessageState.DELIVERED) == Transition(
+        sender=ALICE, recipient=BOB, id="m3", state=MessageState.DELIVERED
+    )
+    assert Transition.of(one, MessageState.READ).state is MessageState.READ
+
+
+# --- feed events and outcomes -----------------------------------------------------------
+
+
+def test_feed_events_are_values_with_defaults() -> None:
+    assert Stored(message()) == Stored(message())
+    assert Stored(message(position=1)) != Stored(message(position=2))
+    changed = StateChanged(ALICE, "m1", MessageState.SENT, at(1))
+    assert changed.origin is None
+    assert changed == StateChanged(ALICE, "m1", MessageState.SENT, at(1), None)
+    assert changed != StateChanged(ALICE, "m1", MessageState.SENT, at(1), "c1")
+    lost = Resync("lost")
+    assert lost.email is None
+    assert lost == Resync("lost", None)
+    assert lost != Resync("lost", BOB)
+
+
+def test_an_outcome_without_a_refusal_has_no_code() -> None:
+    stored = Outcome("m1", MessageState.STORED, at(0), message())
+    assert (stored.code, stored.reason) == (None, None)
+    assert stored.stored == message()
+    assert Outcome("m1", MessageState.READ, at(1)).stored is None

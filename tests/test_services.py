@@ -1,39 +1,90 @@
-"""Services: the drain that SIGTERM starts."""
+"""Services: the drain that SIGTERM starts, on the memory engine, sessions on fake transports."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 
-from tests.fakes import World
+from tests.fakes import BOB, TIMEOUT, World, spin, until
 from tidings.auth import DevAuthenticator
 from tidings.config import Settings
 from tidings.errors import CloseCode
 from tidings.handlers import Handlers
 from tidings.services import Services
 
+RESTART = (CloseCode.SERVICE_RESTART, "server restarting; reconnect")
 
-async def test_drain_turns_unready_then_closes_every_session_with_1012(
+
+def services_of(world: World, drain_delay: float, close_timeout: float = 5.0) -> Services:
+    return Services(
+        settings=Settings(dev=True, drain_delay=drain_delay, close_timeout=close_timeout),
+        engine=world.engine,
+        hub=world.hub,
+        recorder=world.recorder,
+        handlers=Handlers(world.store, world.presence, world.recorder, 100),
+        authenticator=DevAuthenticator(),
+    )
+
+
+async def test_drain_turns_unready_first_and_closes_nothing_before_drain_delay(
+    world: World,
+) -> None:
+    services = services_of(world, drain_delay=3600)
+    session, transport = world.session()
+    services.sessions.add(session)
+    draining = asyncio.create_task(services.drain())
+    await spin()
+    assert services.draining is True
+    assert transport.closes == []
+    assert not session.closed.is_set()
+    draining.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await draining
+
+
+async def test_drain_flushes_then_closes_every_session_with_1012(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tidings.services")
-    services = Services(
-        settings=Settings(dev=True, drain_delay=0),
-        store=world.store,
-        feed=world.feed,
-        hub=world.hub,
-        handlers=Handlers(world.store, 100),
-        authenticator=DevAuthenticator(),
-    )
+    services = services_of(world, drain_delay=0, close_timeout=TIMEOUT)
     (one, one_transport), (two, two_transport) = world.session(), world.session()
+    user = await world.store.inner.ensure_user(BOB)
+    await two.identify(user, None)
     services.sessions.update({one, two})
-    one.push({"type": "#pong", "ts": "queued"})
-
-    await services.drain()
-
-    assert services.draining is True
+    one_transport.flowing.clear()  # frames wait in the queue when the drain begins
+    for n in range(3):
+        one.push({"type": "#pong", "ts": n})
+    draining = asyncio.create_task(services.drain())
+    await until(lambda: two_transport.closes != [])
+    assert one_transport.closes == []  # still flushing
+    one_transport.flowing.set()
+    await asyncio.wait_for(draining, TIMEOUT)
+    assert [f["ts"] for f in one_transport.frames()] == [0, 1, 2]
     for transport in (one_transport, two_transport):
-        assert transport.closes == [(CloseCode.SERVICE_RESTART, "server restarting; reconnect")]
-    assert one_transport.sent == ['{"type":"#pong","ts":"queued"}']
-    assert any(record.getMessage() == "draining" for record in caplog.records)
+        assert transport.closes == [RESTART]
+    assert one.closed.is_set()
+    assert two.closed.is_set()
+    assert world.hub.online() == []
+    (record,) = [r for r in caplog.records if r.getMessage() == "draining"]
+    assert record.__dict__["connections"] == 2
+
+
+async def test_drain_closes_a_client_that_does_not_read_after_close_timeout(
+    world: World,
+) -> None:
+    services = services_of(world, drain_delay=0, close_timeout=0.05)
+    session, transport = world.session()  # its write_timeout is far longer
+    services.sessions.add(session)
+    transport.flowing.clear()  # never reads again
+    session.push({"type": "#pong", "ts": 0})
+    await asyncio.wait_for(services.drain(), TIMEOUT)
+    assert transport.closes == [RESTART]
+    assert session.closed.is_set()
+
+
+async def test_drain_with_no_connection_ends(world: World) -> None:
+    services = services_of(world, drain_delay=0)
+    await asyncio.wait_for(services.drain(), TIMEOUT)
+    assert services.draining is True

@@ -71,7 +71,7 @@ class Recorder:
                 while self._waiting:
                     await self._flush()
         finally:
-            if self._waiting:
+            while self._waiting:  # Batches of max_batch: every one of them, once.
                 await self._flush()
 
     async def _flush(self) -> None:

@@ -243,6 +243,8 @@ class Session:
         self._behind = self._behind or behind
         self._pending.clear()
         self._joining = False
+        if self._behind:
+            self._waiting.set()  # The writer reads again what was dropped, with nothing queued.
 
     def _offer(self, message: Message) -> None:
         if self._last is not None and message.position <= self._last:
@@ -268,6 +270,8 @@ class Session:
         # own timeout can lose on Python 3.11 (see the change-stream feed).
         while not self._closing:
             if not self._queue:
+                if self._behind and not self._joining:
+                    self._begin_stream(self._last)  # Dropped while joining: read them again.
                 self._idle.set()
                 await self._waiting.wait()
                 self._waiting.clear()

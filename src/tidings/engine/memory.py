@@ -140,7 +140,9 @@ class MemoryStore:
         inbox = self._inboxes.get(owner)
         if inbox is None:
             return []
-        return [inbox.get(p) for message_id in ids for p in inbox.by_id.get(message_id, ())]
+        # An id asked for twice (an ack and a read of one message) is one match, not two.
+        unique = dict.fromkeys(ids)
+        return [inbox.get(p) for message_id in unique for p in inbox.by_id.get(message_id, ())]
 
     async def backlog(
         self, owner: str, since: Position | None, after: Position | None, limit: int

@@ -123,7 +123,7 @@ class SequencedCommit(GroupCommit):
         name = collection.name
         while batch:
             if name not in self._next:
-                self._next[name] = await _next_position(collection)
+                self._next[name] = await next_position(collection)
             first = self._next[name]
             for offset, (doc, _) in enumerate(batch):
                 doc["seq"] = first + offset
@@ -145,7 +145,8 @@ class SequencedCommit(GroupCommit):
                 batch = batch[failed:]
 
 
-async def _next_position(collection: Insertable) -> int:
+async def next_position(collection: Insertable) -> int:
+    """The position after the highest one in ``collection``'s inbox."""
     # ``seq`` exists only on inbox documents; the unique index serves the sort.
     last = await collection.find_one(
         {"seq": {"$gte": 0}}, projection={"seq": True, "_id": False}, sort=[("seq", -1)]

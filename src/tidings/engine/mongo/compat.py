@@ -18,7 +18,7 @@ stand-in that the code has to allow for is handled here, and only here:
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -42,5 +42,11 @@ def typed(value: Any) -> Any:
 
 
 def as_datetime(value: datetime | str) -> datetime:
-    """A stored timestamp as a datetime (nx-27017 turns ``$set`` datetimes into strings)."""
-    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    """A stored timestamp as an aware datetime (nx-27017 turns ``$set`` datetimes into strings).
+
+    Those strings carry no offset; the time in them is UTC, as in every BSON date.
+    """
+    if isinstance(value, datetime):
+        return value
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -21,7 +21,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from tidings.engine.mongo.batch import DUPLICATE_KEY, SequencedCommit
+from tidings.engine.mongo.batch import DUPLICATE_KEY, SequencedCommit, next_position
 from tidings.engine.mongo.documents import (
     INBOX,
     MESSAGE_INDEXES,
@@ -175,8 +175,13 @@ class MongoStore:
         if after is not None:
             query["seq"] = {"$gt": after}
         inbox = await self._messages(owner)
-        cursor = inbox.find(query).sort("seq", ASCENDING).limit(limit)
-        return [message_of(doc) async for doc in cursor]
+        docs = await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
+        if any("seq" not in doc for doc in docs):
+            # A Tidings 0.1 process still writes here (a rolling upgrade that
+            # the docs advise against): give its messages positions, read again.
+            await _number_schema_1(inbox)
+            docs = await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
+        return [message_of(doc) for doc in docs if "seq" in doc]
 
     @guarded
     async def record(self, transitions: Sequence[Transition]) -> None:
@@ -242,13 +247,7 @@ async def _prepare(coll: AsyncCollection[Document]) -> None:
     look-up per collection and process afterwards.
     """
     if await coll.find_one({"_id": SCHEMA_MARKER}) is None:
-        old = coll.find({"k": INBOX, "seq": {"$exists": False}}).sort("_id", ASCENDING)
-        updates = [
-            UpdateOne({"_id": doc["_id"]}, {"$set": {"seq": n, "v": SCHEMA}})
-            async for n, doc in _numbered(old)
-        ]
-        if updates:
-            await coll.bulk_write(updates, ordered=True)
+        await _number_schema_1(coll)
         # Schema 1's backlog index sorted by ``_id``; nothing reads it any more.
         with contextlib.suppress(OperationFailure):
             await coll.drop_index(SCHEMA_1_BACKLOG_INDEX)
@@ -258,11 +257,25 @@ async def _prepare(coll: AsyncCollection[Document]) -> None:
         await coll.create_indexes(MESSAGE_INDEXES)
 
 
-async def _numbered(cursor: Any) -> Any:
-    n = 0
-    async for doc in cursor:
-        n += 1
-        yield n, doc
+async def _number_schema_1(coll: AsyncCollection[Document]) -> None:
+    """Give inbox documents without a position the next ones, in ObjectId order.
+
+    Another process doing the same at once may take a position first; its
+    write wins, ours stops there, and what is left is numbered on a later read.
+    """
+    old = coll.find({"k": INBOX, "seq": {"$exists": False}}).sort("_id", ASCENDING)
+    ids = [doc["_id"] async for doc in old]
+    if not ids:
+        return
+    first = await next_position(coll)
+    updates = [
+        UpdateOne(
+            {"_id": oid, "seq": {"$exists": False}}, {"$set": {"seq": first + n, "v": SCHEMA}}
+        )
+        for n, oid in enumerate(ids)
+    ]
+    with contextlib.suppress(BulkWriteError):
+        await coll.bulk_write(updates, ordered=True)
 
 
 async def _insert_unordered(coll: AsyncCollection[Document], docs: list[Document]) -> set[int]:
