@@ -710,6 +710,16 @@ async def test_presence_failures_are_logged_and_change_nothing_else(
     assert all(r.levelno == logging.WARNING for r in failures)
 
 
+async def test_an_idle_session_holds_no_task(world: World) -> None:
+    before = asyncio.all_tasks()
+    session, transport = await identified(world)
+    session.expire(3600)
+    session.push({"type": "#pong", "ts": 1})
+    assert (await transport.recv_until(lambda f: f["type"] == "#pong"))[-1]["ts"] == 1
+    # Idle connections are what a server holds most of: each task would cost memory.
+    await until(lambda: asyncio.all_tasks() - before == set())
+
+
 async def test_stop_ends_every_task_detaches_and_is_idempotent(world: World) -> None:
     before = asyncio.all_tasks()
     gate = Gate()
@@ -720,7 +730,8 @@ async def test_stop_ends_every_task_detaches_and_is_idempotent(world: World) -> 
     session.push({"type": "#pong", "ts": 1})
     await until(lambda: transport.attempts == 1)  # the writer is blocked in a send
     await asyncio.wait_for(gate.held.wait(), TIMEOUT)
-    assert len(asyncio.all_tasks() - before) == 4  # writer, identify clock, join, expiry
+    # The writer and the join; the clocks (identification, expiry) are timers, not tasks.
+    assert len(asyncio.all_tasks() - before) == 2
     await asyncio.wait_for(session.stop(), TIMEOUT)
     assert session.closed.is_set()
     assert asyncio.all_tasks() - before == set()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 
 from starlette.endpoints import WebSocketEndpoint
@@ -69,6 +70,45 @@ async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
         await websocket.close(CloseCode.POLICY_VIOLATION, reason)
 
 
+class ReadAhead:
+    """Frames read from the socket and not yet handled, at most ``limit`` of them.
+
+    Reading ahead keeps the socket read (and WebSocket pongs with it) while a
+    handler waits on the database; the limit keeps a client from making the
+    server buffer without bound.
+    """
+
+    __slots__ = ("_frames", "_limit", "_space")
+
+    def __init__(self, limit: int) -> None:
+        self._frames: deque[Raw] = deque()
+        self._limit = limit
+        self._space: asyncio.Future[None] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether frames wait to be handled."""
+        return bool(self._frames)
+
+    def add(self, raw: Raw) -> None:
+        """A frame was read."""
+        self._frames.append(raw)
+
+    async def space(self) -> None:
+        """Wait until fewer than ``limit`` frames wait, before reading the next."""
+        if len(self._frames) >= self._limit:
+            self._space = asyncio.get_running_loop().create_future()
+            await self._space
+
+    def take(self) -> list[Raw]:
+        """Everything read so far, to be handled together."""
+        frames = list(self._frames)
+        self._frames.clear()
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        return frames
+
+
 class TidingsEndpoint(WebSocketEndpoint):
     """``/ws``: authenticates the handshake, then hands the frames to the handlers.
 
@@ -80,6 +120,7 @@ class TidingsEndpoint(WebSocketEndpoint):
     """
 
     encoding = None
+    bucket: TokenBucket
 
     async def dispatch(self) -> None:
         websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
@@ -88,8 +129,8 @@ class TidingsEndpoint(WebSocketEndpoint):
         if principal is None:
             return
         session = await self._open(websocket, services, principal)
-        frames: asyncio.Queue[Raw] = asyncio.Queue(services.settings.read_ahead)
-        handler = asyncio.create_task(self._handle(services, session, principal, frames))
+        reads = ReadAhead(services.settings.read_ahead)
+        handler: asyncio.Task[None] | None = None
         close_code = CloseCode.NORMAL.value
         try:
             while True:
@@ -98,11 +139,15 @@ class TidingsEndpoint(WebSocketEndpoint):
                     close_code = int(message.get("code") or CloseCode.NORMAL)
                     break
                 text = message.get("text")
-                await frames.put(text if text is not None else message.get("bytes") or b"")
+                reads.add(text if text is not None else message.get("bytes") or b"")
+                if handler is None or handler.done():
+                    handler = asyncio.create_task(self._handle(services, session, principal, reads))
+                await reads.space()
         finally:
-            handler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
+            if handler is not None:
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
             services.sessions.discard(session)
             await session.stop()
             log.info("connection_closed", extra={**session.log_fields, "code": close_code})
@@ -146,6 +191,7 @@ class TidingsEndpoint(WebSocketEndpoint):
         )
         session.start(settings.identify_timeout)
         services.sessions.add(session)
+        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         if principal.expires_at is not None:
             session.expire(principal.expires_at - time.time())
         log.info("connection_opened", extra={"conn": conn_id})
@@ -156,10 +202,11 @@ class TidingsEndpoint(WebSocketEndpoint):
         services: Services,
         session: Session,
         principal: Principal,
-        frames: asyncio.Queue[Raw],
+        reads: ReadAhead,
     ) -> None:
+        """Handle what was read, until nothing waits; the next frame starts this again."""
         settings = services.settings
-        bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+        bucket = self.bucket
         batch: list[ClientFrame] = []
 
         async def flush() -> None:
@@ -168,12 +215,9 @@ class TidingsEndpoint(WebSocketEndpoint):
                 batch.clear()
 
         try:
-            while True:
+            while reads.waiting:
                 await session.room()
-                raws = [await frames.get()]
-                while not frames.empty():
-                    raws.append(frames.get_nowait())
-                for raw in raws:
+                for raw in reads.take():
                     try:
                         frame = _parse(bucket, settings, raw)
                     except ClientError as exc:

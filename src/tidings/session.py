@@ -55,7 +55,38 @@ class Session:
     frames are always queued, and the endpoint reads its next frames only when
     there is room. Only a client that takes no frame for ``write_timeout``
     while frames wait is cut as a slow consumer.
+
+    An idle session holds no task: the writer runs while frames wait, and the
+    clocks (identification, token expiry) are timer handles.
     """
+
+    __slots__ = (
+        "_backlog_batch",
+        "_behind",
+        "_closed",
+        "_closing",
+        "_conn_id",
+        "_hub",
+        "_idle",
+        "_joining",
+        "_last",
+        "_pending",
+        "_presence",
+        "_queue",
+        "_queue_size",
+        "_queued_states",
+        "_recorder",
+        "_room",
+        "_since",
+        "_store",
+        "_stream",
+        "_tasks",
+        "_timers",
+        "_transport",
+        "_write_timeout",
+        "_writer",
+        "user",
+    )
 
     def __init__(
         self,
@@ -81,11 +112,10 @@ class Session:
         self._write_timeout = write_timeout
         self._queue: deque[_Out] = deque()
         self._queued_states: dict[str, _Out] = {}
-        self._waiting = asyncio.Event()  # something is queued
-        self._room = asyncio.Event()  # the queue is below its size
-        self._room.set()
-        self._idle = asyncio.Event()  # nothing queued or being written
-        self._idle.set()
+        self._writer: asyncio.Task[None] | None = None
+        # Futures made only while someone waits: for room in the queue, for it to empty.
+        self._room: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
         self.user: User | None = None
         self._since: Position | None = None
         # The position of the last message queued: the live stream comes in
@@ -98,12 +128,20 @@ class Session:
         self._behind = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
         self._closing = False  # no frame is taken or queued any more
-        self.closed = asyncio.Event()  # every task has ended
+        self._closed: asyncio.Event | None = None
 
     @property
     def conn_id(self) -> str:
         return self._conn_id
+
+    @property
+    def closed(self) -> asyncio.Event:
+        """Set once every task of the session has ended."""
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        return self._closed
 
     @property
     def log_fields(self) -> dict[str, Any]:
@@ -111,23 +149,22 @@ class Session:
         return {"conn": self._conn_id, "email": self.user.email if self.user else None}
 
     def start(self, identify_timeout: float) -> None:
-        """Start the writer, and the clock for a connection that never identifies."""
-        self._spawn(self._write)
-        self._spawn(functools.partial(self._expect_identity, identify_timeout))
+        """Start the clock for a connection that never identifies."""
+        reason = f"identify with #email within {identify_timeout:g} seconds"
+        self._later(identify_timeout, reason, unless_identified=True)
 
     def expire(self, seconds: float) -> None:
         """Close the connection when its credentials expire, ``seconds`` from now."""
-        self._spawn(functools.partial(self._expire, seconds))
+        self._later(seconds, "token expired; reconnect with a new one")
 
-    async def _expire(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))
-        await self.close(CloseCode.POLICY_VIOLATION, "token expired; reconnect with a new one")
+    def _later(self, seconds: float, reason: str, unless_identified: bool = False) -> None:
+        def fire() -> None:
+            if not (unless_identified and self.user is not None):
+                close = functools.partial(self.close, CloseCode.POLICY_VIOLATION, reason)
+                self._spawn(close)
 
-    async def _expect_identity(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        if self.user is None:
-            reason = f"identify with #email within {seconds:g} seconds"
-            await self.close(CloseCode.POLICY_VIOLATION, reason)
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(max(0.0, seconds), fire))
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the client without waiting."""
@@ -154,7 +191,10 @@ class Session:
 
     async def room(self) -> None:
         """Wait until the queue has room: the endpoint reads no frame before."""
-        await self._room.wait()
+        if len(self._queue) >= self._queue_size and not self._closing:
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
 
     async def identify(self, user: User, since: Position | None) -> None:
         """Become ``user``'s session: join the backlog to the live stream."""
@@ -186,19 +226,26 @@ class Session:
 
     async def finish(self, code: int, reason: str, flush_timeout: float) -> None:
         """Close after writing what is already queued, waiting at most ``flush_timeout``."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(flush_timeout):
-                await self._idle.wait()
+        if self._writer is not None:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush_timeout):
+                    await asyncio.shield(self._idle)
         await self.close(code, reason)
 
     async def stop(self) -> None:
         """End every task of this session and leave the hub. Idempotent."""
         self._closing = True
+        for timer in self._timers:
+            timer.cancel()
         current = asyncio.current_task()
         tasks = [task for task in self._tasks if task is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        _resolve(self._room)
+        _resolve(self._idle)
         if self.user is not None and self._hub.detach(self.user.email, self):
             await self._set_presence(False)
         self.closed.set()
@@ -228,7 +275,7 @@ class Session:
         while not self._closing:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
             for message in page:
-                await self._room.wait()  # The backlog goes at the pace the client reads.
+                await self.room()  # The backlog goes at the pace the client reads.
                 self._append(_Out(encode(message.frame()), message))
                 self._last = message.position
             count += len(page)
@@ -243,8 +290,8 @@ class Session:
         self._behind = self._behind or behind
         self._pending.clear()
         self._joining = False
-        if self._behind:
-            self._waiting.set()  # The writer reads again what was dropped, with nothing queued.
+        if self._behind and self._writer is None:
+            self._begin_stream(self._last)  # Dropped while joining, nothing queued: read again.
 
     def _offer(self, message: Message) -> None:
         if self._last is not None and message.position <= self._last:
@@ -260,41 +307,41 @@ class Session:
         if self._closing:
             return  # Stored messages are redelivered on the next connection.
         self._queue.append(out)
-        self._waiting.set()
-        self._idle.clear()
-        if len(self._queue) >= self._queue_size:
-            self._room.clear()
+        if self._writer is None:
+            self._writer = self._spawn(self._write)
 
     async def _write(self) -> None:
-        # Checked as well as cancellation, which a database call racing its
-        # own timeout can lose on Python 3.11 (see the change-stream feed).
-        while not self._closing:
-            if not self._queue:
-                if self._behind and not self._joining:
-                    self._begin_stream(self._last)  # Dropped while joining: read them again.
-                self._idle.set()
-                await self._waiting.wait()
-                self._waiting.clear()
-                continue
-            out = self._queue.popleft()
-            if len(self._queue) < self._queue_size:
-                self._room.set()
-            if self._behind and not self._joining and len(self._queue) <= self._queue_size // 2:
-                self._begin_stream(self._last)  # Caught up enough: read what was dropped.
-            if out.state_of is not None and self._queued_states.get(out.state_of) is out:
-                del self._queued_states[out.state_of]
-            if out.superseded:
-                continue
-            try:
-                async with asyncio.timeout(self._write_timeout):
-                    await self._transport.send_text(out.text)
-            except TimeoutError:
-                self._cut(f"no frame taken for {self._write_timeout:g} seconds")
-                return
-            except ConnectionGone:
-                return
-            if out.message is not None and out.message.state is MessageState.STORED:
-                self._recorder.record(Transition.of(out.message, MessageState.SENT))
+        try:
+            # Checked as well as cancellation, which a database call racing its
+            # own timeout can lose on Python 3.11 (see the change-stream feed).
+            while self._queue and not self._closing:
+                out = self._queue.popleft()
+                if len(self._queue) < self._queue_size:
+                    _resolve(self._room)
+                    self._room = None
+                if self._behind and not self._joining and len(self._queue) <= self._queue_size // 2:
+                    self._begin_stream(self._last)  # Caught up enough: read what was dropped.
+                if out.state_of is not None and self._queued_states.get(out.state_of) is out:
+                    del self._queued_states[out.state_of]
+                if out.superseded:
+                    continue
+                try:
+                    async with asyncio.timeout(self._write_timeout):
+                        await self._transport.send_text(out.text)
+                except TimeoutError:
+                    self._cut(f"no frame taken for {self._write_timeout:g} seconds")
+                    return
+                except ConnectionGone:
+                    self._closing = True  # Nobody is listening: queue nothing more.
+                    return
+                if out.message is not None and out.message.state is MessageState.STORED:
+                    self._recorder.record(Transition.of(out.message, MessageState.SENT))
+            if self._behind and not self._joining and not self._closing:
+                self._begin_stream(self._last)  # Emptied while behind: read what was dropped.
+        finally:
+            self._writer = None
+            _resolve(self._idle)
+            self._idle = None
 
     def _cut(self, why: str) -> None:
         if self._closing:
@@ -323,3 +370,9 @@ class Session:
         except Exception:
             log.exception("session_task_crashed", extra=self.log_fields)
             await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    """Wake whoever waits on ``future``; the next wait makes a new one."""
+    if future is not None and not future.done():
+        future.set_result(None)
