@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from tidings.auth import Principal
 from tidings.engine import Presence, Store
 from tidings.errors import ClientError, ErrorCode
-from tidings.models import Draft, Message, Transition, User, utcnow
+from tidings.models import Draft, Message, Outcome, Transition, User, utcnow
 from tidings.protocol import (
     AckFrame,
     EmailFrame,
@@ -144,27 +144,32 @@ class Handlers:
         outcomes = iter(
             await self._store.send(sender.email, session.conn_id, accepted) if accepted else []
         )
+        stored: list[str] = []
+        resent: list[str] = []
         for draft in drafts:
-            fields = {**session.log_fields, "message_id": draft.id}
             if draft.recipient in missing:
-                outcome_frame = state_frame(
+                outcome = Outcome(
                     draft.id,
                     MessageState.FAILED,
                     utcnow(),
-                    ErrorCode.NOT_FOUND.value,
-                    f"no user {draft.recipient}",
+                    code=ErrorCode.NOT_FOUND.value,
+                    reason=f"no user {draft.recipient}",
                 )
-                log.info("message_failed", extra={**fields, "code": ErrorCode.NOT_FOUND.value})
             else:
                 outcome = next(outcomes)
-                outcome_frame = state_frame(
-                    outcome.id, outcome.state, outcome.at, outcome.code, outcome.reason
-                )
-                event = "message_stored" if outcome.stored else "message_resent"
-                if outcome.state is MessageState.FAILED:
-                    event = "message_failed"
-                log.info(event, extra={**fields, "state": outcome.state.value})
-            session.push(outcome_frame)
+            session.push(
+                state_frame(outcome.id, outcome.state, outcome.at, outcome.code, outcome.reason)
+            )
+            if outcome.state is MessageState.FAILED:
+                fields = {**session.log_fields, "message_id": outcome.id, "code": outcome.code}
+                log.info("message_failed", extra={**fields, "state": outcome.state.value})
+            else:
+                (stored if outcome.stored else resent).append(outcome.id)
+        # One line a batch, not a message: at load, logging would cost more than storing.
+        if stored:
+            _log_batch("messages_stored", session, stored, MessageState.STORED)
+        if resent:
+            _log_batch("messages_resent", session, resent, None)
 
     async def acknowledge(self, session: Session, frames: Sequence[AckFrame]) -> list[ClientError]:
         """Record consecutive ``ack``/``read`` frames together; the refusals among them.
@@ -196,13 +201,20 @@ class Handlers:
             else:
                 state = MessageState.DELIVERED if frame.type == "ack" else MessageState.READ
                 transitions.append(Transition.of(candidates[0], state))
-                log.info(
-                    "message_" + state.value,
-                    extra={**session.log_fields, "message_id": frame.id, "state": state.value},
-                )
         if transitions:
             await self._recorder.write(transitions)
+            for state in (MessageState.DELIVERED, MessageState.READ):
+                ids = [t.id for t in transitions if t.state is state]
+                if ids:
+                    _log_batch("messages_" + state.value, session, ids, state)
         return refused
+
+
+def _log_batch(event: str, session: Session, ids: list[str], state: MessageState | None) -> None:
+    fields = {**session.log_fields, "message_ids": ids, "count": len(ids)}
+    if state is not None:
+        fields["state"] = state.value
+    log.info(event, extra=fields)
 
 
 def _require_user(session: Session, ref: str) -> User:

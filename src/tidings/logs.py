@@ -7,7 +7,7 @@ import re
 import sys
 from urllib.parse import unquote_plus
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 # A query parameter, and a bearer token in a header or subprotocol.
 _PARAMETER = re.compile(r"(^|[?&\s])([^=&?/\s\"']+)=([^&\s\"']*)")
@@ -49,7 +49,8 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_scrub)
     handler.setFormatter(
-        JsonFormatter(
+        # orjson: a log line per message is on the hot path, and it encodes several times faster.
+        OrjsonFormatter(
             "{asctime}{levelname}{name}{message}",
             style="{",
             rename_fields={

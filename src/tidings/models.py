@@ -7,6 +7,7 @@ core, which only compares positions of one recipient's messages.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NewType
@@ -33,8 +34,9 @@ def collection_for(email: str) -> str:
 
 def utcnow() -> datetime:
     """Now, truncated to the millisecond precision that BSON dates keep."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    # From whole milliseconds: several times cheaper than now() and replace(),
+    # and this runs for nearly every frame.
+    return datetime.fromtimestamp(time.time_ns() // 1_000_000 / 1000, UTC)
 
 
 @dataclass(frozen=True, slots=True)

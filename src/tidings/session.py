@@ -77,12 +77,14 @@ class Session:
         "_queued_states",
         "_recorder",
         "_room",
+        "_sending_since",
         "_since",
         "_store",
         "_stream",
         "_tasks",
         "_timers",
         "_transport",
+        "_watchdog",
         "_write_timeout",
         "_writer",
         "user",
@@ -113,6 +115,9 @@ class Session:
         self._queue: deque[_Out] = deque()
         self._queued_states: dict[str, _Out] = {}
         self._writer: asyncio.Task[None] | None = None
+        # When the frame being written was handed to the socket; None between frames.
+        self._sending_since: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         # Futures made only while someone waits: for room in the queue, for it to empty.
         self._room: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -311,6 +316,10 @@ class Session:
             self._writer = self._spawn(self._write)
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        # One watchdog a run of the writer, not a timeout a frame: a timeout
+        # costs a timer of its own, and this is the path of every frame.
+        self._watchdog = loop.call_later(self._write_timeout, self._watch)
         try:
             # Checked as well as cancellation, which a database call racing its
             # own timeout can lose on Python 3.11 (see the change-stream feed).
@@ -325,23 +334,35 @@ class Session:
                     del self._queued_states[out.state_of]
                 if out.superseded:
                     continue
+                self._sending_since = loop.time()
                 try:
-                    async with asyncio.timeout(self._write_timeout):
-                        await self._transport.send_text(out.text)
-                except TimeoutError:
-                    self._cut(f"no frame taken for {self._write_timeout:g} seconds")
-                    return
+                    await self._transport.send_text(out.text)
                 except ConnectionGone:
                     self._closing = True  # Nobody is listening: queue nothing more.
                     return
+                self._sending_since = None
                 if out.message is not None and out.message.state is MessageState.STORED:
                     self._recorder.record(Transition.of(out.message, MessageState.SENT))
             if self._behind and not self._joining and not self._closing:
                 self._begin_stream(self._last)  # Emptied while behind: read what was dropped.
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self._writer = None
+            self._sending_since = None
             _resolve(self._idle)
             self._idle = None
+
+    def _watch(self) -> None:
+        """Cut a client that took no frame for ``write_timeout``; else look again later."""
+        stuck = 0.0
+        if self._sending_since is not None:
+            stuck = asyncio.get_running_loop().time() - self._sending_since
+        if stuck >= self._write_timeout:
+            self._cut(f"no frame taken for {self._write_timeout:g} seconds")
+        else:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(self._write_timeout - stuck, self._watch)
 
     def _cut(self, why: str) -> None:
         if self._closing:
