@@ -1,10 +1,13 @@
-# The two set-up commands of the README: `make run` and `make test`.
+# The two set-up commands of the README: `make run` and `make test`; and `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+# Passed to `python -m bench`: figures and options, e.g. make bench ARGS="m1 --quick".
+ARGS ?=
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test lint typecheck pytest clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +17,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The dev set plus the bench extra (matplotlib); a stamp of its own, so that
+# `make test` never needs it and `make bench` reinstalls only when it changes.
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
 ## run: start Tidings in dev mode (no authentication) on the embedded in-memory store
 run: $(STAMP)
 	TIDINGS_DEV=1 $(BIN)/tidings serve
@@ -22,14 +31,19 @@ run: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
 	$(BIN)/pytest --cov --cov-report=term-missing
+
+## bench: start Tidings, the baselines and nx-27017 on 127.0.0.1, measure every figure
+## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build src/*.egg-info
