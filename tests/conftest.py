@@ -6,6 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,15 @@ def settings() -> Settings:
 def nx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
     """One nx-27017 server for the session; each test uses a database of its own."""
     server = NxServer(tmp_path_factory.mktemp("nx"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_nx(tmp_path: Path) -> Iterator[NxServer]:
+    """An nx-27017 server of the test's own, free to be killed, frozen or restarted."""
+    server = NxServer(tmp_path / "nx")
     server.start()
     yield server
     server.stop()

@@ -7,8 +7,6 @@ timeout that only keeps a broken run from hanging; nothing here asserts a time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -22,15 +20,6 @@ pytestmark = pytest.mark.e2e
 
 PAIRS = 20
 MESSAGES = 25
-
-
-@pytest.fixture
-def own_nx(tmp_path: Path) -> Iterator[NxServer]:
-    """An nx-27017 server of this test's own, free to be frozen."""
-    server = NxServer(tmp_path / "nx")
-    server.start()
-    yield server
-    server.stop()
 
 
 def busy_settings(nx: NxServer, budget: float = 5.0) -> Settings:

@@ -6,9 +6,8 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -59,15 +58,6 @@ async def app_process(uri: str, database: str) -> AsyncIterator[str]:
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), TIMEOUT)
-
-
-@pytest.fixture
-def own_nx(tmp_path: Path) -> Iterator[NxServer]:
-    """An nx-27017 server of this test's own, free to be killed."""
-    server = NxServer(tmp_path / "nx")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_messages_and_states_cross_app_processes(nx: NxServer) -> None:

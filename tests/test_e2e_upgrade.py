@@ -3,7 +3,7 @@
 Tidings 0.1 (commit ``f6d435d``, the release) stores an inbox document without
 a position: its backlog is read in ObjectId order. Schema 2 gives every inbox
 document a ``seq``, and the first time a new process opens a collection it
-numbers the schema 1 documents there in ObjectId order (``store._prepare``).
+numbers the schema 1 documents there in ObjectId order (``schema.prepare``).
 
 These tests do not imitate 0.1: they extract its source with ``git archive``,
 run it as a ``tidings serve`` process of its own on nx-27017, and let it store
@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,15 +123,6 @@ def release_0_1(tmp_path: Path) -> Path:
     )
     assert Path(imported.stdout.decode().strip()) == src / "tidings" / "__init__.py"
     return src
-
-
-@pytest.fixture
-def own_nx(tmp_path: Path) -> Iterator[NxServer]:
-    """An nx-27017 server of this test's own."""
-    server = NxServer(tmp_path / "nx")
-    server.start()
-    yield server
-    server.stop()
 
 
 def server_environment(pythonpath: Path | None, **settings: str) -> dict[str, str]:

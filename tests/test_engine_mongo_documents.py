@@ -21,7 +21,6 @@ from tidings.engine.mongo.documents import (
     INBOX,
     OUTBOX,
     SCHEMA,
-    SCHEMA_MARKER,
     Document,
     event_of,
     inbox_doc,
@@ -29,6 +28,7 @@ from tidings.engine.mongo.documents import (
     receipt_doc,
     state_of,
 )
+from tidings.engine.mongo.schema import SCHEMA_MARKER
 from tidings.models import (
     Draft,
     Message,

@@ -28,14 +28,13 @@ from tidings.engine.mongo.documents import (
     INBOX,
     OUTBOX,
     SCHEMA,
-    SCHEMA_1_BACKLOG_INDEX,
-    SCHEMA_MARKER,
     SENDER_ID_INDEX,
     Document,
     receipt_doc,
     state_of,
 )
 from tidings.engine.mongo.presence import PRESENCE_TTL, Presence
+from tidings.engine.mongo.schema import SCHEMA_1_BACKLOG_INDEX, SCHEMA_MARKER
 from tidings.engine.mongo.store import MongoStore
 from tidings.errors import StoreUnavailable
 from tidings.models import Draft, Message, Outcome, Position, Transition, collection_for, utcnow

@@ -1,4 +1,4 @@
-"""Sessions: the soft-bounded queue, the writer, and the backlog joined to the live stream.
+"""Sessions: the backlog joined to the live stream, through the outbox, and their ends.
 
 Everything runs on the memory engine behind a ``FlakyStore`` (``tests.fakes.World``),
 with sessions on fake transports. A client that does not read is a transport
@@ -150,15 +150,16 @@ class DownPresence:
         raise StoreUnavailable("presence: database error: down")
 
 
-# --- the queue and the writer -----------------------------------------------------------
+# --- writing through the outbox: frames, and messages marked sent ----------------------
 
 
-async def test_pushed_frames_leave_in_order(world: World) -> None:
+async def test_pushed_frames_leave_in_order_through_the_outbox(world: World) -> None:
     session, transport = world.session()
     for n in range(20):
         session.push({"type": "#pong", "ts": n})
     frames = [await transport.recv() for _ in range(20)]
     assert [f["ts"] for f in frames] == list(range(20))
+    await asyncio.wait_for(session.room(), TIMEOUT)  # all taken: room at once
     assert session.conn_id == "c1"
     assert session.log_fields == {"conn": "c1", "email": None}
 
@@ -569,17 +570,6 @@ async def test_a_client_that_takes_no_frame_for_write_timeout_is_cut_with_1008(
     assert transport.sent == []
 
 
-async def test_replies_are_always_queued_up_to_eight_times_the_queue(world: World) -> None:
-    session, transport = world.session(queue_size=2)
-    transport.flowing.clear()
-    for n in range(16):  # replies are not dropped: the endpoint waits on room() instead
-        session.push({"type": "#pong", "ts": n})
-    await spin()
-    assert transport.closes == []
-    transport.flowing.set()
-    assert [f["ts"] for f in await rest(session, transport)] == [*range(16), "end"]
-
-
 async def test_too_many_replies_waiting_cut_the_client_with_1008(world: World) -> None:
     session, transport = world.session(queue_size=2)
     transport.flowing.clear()
@@ -589,67 +579,6 @@ async def test_too_many_replies_waiting_cut_the_client_with_1008(world: World) -
     assert code == CloseCode.POLICY_VIOLATION
     assert reason == "slow consumer: too many frames waiting to be sent"
     await asyncio.wait_for(session.closed.wait(), TIMEOUT)
-
-
-async def test_room_is_there_until_the_queue_is_full(world: World) -> None:
-    session, transport = world.session(queue_size=2)
-    transport.flowing.clear()
-    session.push({"type": "#pong", "ts": 0})
-    await until(lambda: transport.attempts == 1)  # in the writer's hands, not queued
-    session.push({"type": "#pong", "ts": 1})
-    await asyncio.wait_for(session.room(), TIMEOUT)
-    session.push({"type": "#pong", "ts": 2})
-    waiting = asyncio.create_task(session.room())
-    await spin()
-    assert not waiting.done()
-    transport.flowing.set()
-    await asyncio.wait_for(waiting, TIMEOUT)
-
-
-def state(mid: str, value: str) -> Frame:
-    return {"type": "state", "id": mid, "state": value, "at": "2026-01-02T03:04:05.000Z"}
-
-
-async def test_a_state_frame_is_kept_while_the_queue_is_not_behind(world: World) -> None:
-    session, transport = world.session(queue_size=4)
-    transport.flowing.clear()
-    session.push({"type": "#pong", "ts": 0})
-    await until(lambda: transport.attempts == 1)
-    session.push(state("m1", "stored"))
-    session.push(state("m1", "sent"))  # one frame queued: less than half the queue
-    transport.flowing.set()
-    frames = await rest(session, transport)
-    assert [(f["type"], f.get("state")) for f in frames] == [
-        ("#pong", None),
-        ("state", "stored"),
-        ("state", "sent"),
-        ("#pong", None),
-    ]
-
-
-async def test_a_state_frame_is_superseded_by_a_later_one_when_the_queue_is_behind(
-    world: World,
-) -> None:
-    session, transport = world.session(queue_size=4)
-    transport.flowing.clear()
-    session.push({"type": "#pong", "ts": 0})
-    await until(lambda: transport.attempts == 1)
-    session.push({"type": "#pong", "ts": 1})
-    session.push({"type": "#pong", "ts": 2})  # half the queue waits
-    session.push(state("m1", "stored"))
-    session.push(state("m2", "stored"))
-    session.push(state("m1", "sent"))  # replaces m1's stored, which is still queued
-    session.push(state("m1", "read"))  # and this replaces sent
-    transport.flowing.set()
-    frames = await rest(session, transport)
-    assert [(f.get("id"), f.get("state"), f.get("ts")) for f in frames] == [
-        (None, None, 0),
-        (None, None, 1),
-        (None, None, 2),
-        ("m2", "stored", None),
-        ("m1", "read", None),
-        (None, None, "end"),
-    ]
 
 
 # --- presence, close, finish and stop -----------------------------------------------------

@@ -7,21 +7,19 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 
 from starlette.endpoints import WebSocketEndpoint
-from starlette.responses import PlainTextResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from tidings.auth import Principal, origin_allowed
 from tidings.config import Settings
+from tidings.connection import Raw, ReadAhead, SocketTransport, deny
 from tidings.errors import (
     AuthFailed,
     ClientError,
     CloseCode,
     CloseConnection,
-    ConnectionGone,
     ErrorCode,
     StoreUnavailable,
 )
@@ -31,82 +29,6 @@ from tidings.services import Services
 from tidings.session import Session
 
 log = logging.getLogger("tidings.endpoint")
-
-# A frame as read: its text, or bytes for a binary frame (refused when handled).
-Raw = str | bytes
-
-
-class SocketTransport:
-    """Adapts Starlette's WebSocket to the session's ``Transport``."""
-
-    def __init__(self, websocket: WebSocket, close_timeout: float) -> None:
-        self._websocket = websocket
-        self._close_timeout = close_timeout
-
-    async def send_text(self, text: str) -> None:
-        if self._websocket.application_state is not WebSocketState.CONNECTED:
-            raise ConnectionGone
-        try:
-            await self._websocket.send_text(text)
-        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-            # uvicorn reports a vanished peer as an OSError subclass, Starlette a
-            # send after close as RuntimeError: both mean nobody is listening.
-            raise ConnectionGone from exc
-
-    async def close(self, code: int, reason: str) -> None:
-        if self._websocket.application_state is not WebSocketState.CONNECTED:
-            return
-        # A peer that stopped reading may never take the close frame.
-        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError, TimeoutError):
-            async with asyncio.timeout(self._close_timeout):
-                await self._websocket.close(code, reason)
-
-
-async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
-    """Answer a handshake with an HTTP error instead of accepting it."""
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(PlainTextResponse(reason, status_code=status))
-    else:  # Servers without the denial extension answer a close before accept with 403.
-        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
-
-
-class ReadAhead:
-    """Frames read from the socket and not yet handled, at most ``limit`` of them.
-
-    Reading ahead keeps the socket read (and WebSocket pongs with it) while a
-    handler waits on the database; the limit keeps a client from making the
-    server buffer without bound.
-    """
-
-    __slots__ = ("_frames", "_limit", "_space")
-
-    def __init__(self, limit: int) -> None:
-        self._frames: deque[Raw] = deque()
-        self._limit = limit
-        self._space: asyncio.Future[None] | None = None
-
-    @property
-    def waiting(self) -> bool:
-        """Whether frames wait to be handled."""
-        return bool(self._frames)
-
-    def add(self, raw: Raw) -> None:
-        """A frame was read."""
-        self._frames.append(raw)
-
-    async def space(self) -> None:
-        """Wait until fewer than ``limit`` frames wait, before reading the next."""
-        if len(self._frames) >= self._limit:
-            self._space = asyncio.get_running_loop().create_future()
-            await self._space
-
-    def take(self) -> list[Raw]:
-        """Everything read so far, to be handled together."""
-        frames = list(self._frames)
-        self._frames.clear()
-        if self._space is not None and not self._space.done():
-            self._space.set_result(None)
-        return frames
 
 
 class TidingsEndpoint(WebSocketEndpoint):
@@ -158,7 +80,7 @@ class TidingsEndpoint(WebSocketEndpoint):
         The client hears only a generic status; the server log says why.
         """
         if services.draining:
-            await _deny(websocket, 503, "shutting down; reconnect to another server")
+            await deny(websocket, 503, "shutting down; reconnect to another server")
             return None
         try:
             origin = websocket.headers.get("origin")
@@ -169,7 +91,7 @@ class TidingsEndpoint(WebSocketEndpoint):
             return services.authenticator.authenticate(websocket)
         except AuthFailed as exc:
             log.warning("handshake_refused", extra={"reason": str(exc)})
-            await _deny(websocket, 403, "forbidden")
+            await deny(websocket, 403, "forbidden")
             return None
 
     async def _open(

@@ -1,92 +1,59 @@
-"""One session per connection: its outgoing queue, its writer, and its message stream."""
+"""One session per connection: who it is, and its message stream joined from backlog and feed."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tidings.engine import Presence, Store
-from tidings.errors import CloseCode, ConnectionGone, StoreUnavailable
+from tidings.errors import CloseCode, StoreUnavailable
 from tidings.hub import Hub
-from tidings.models import Message, Position, Transition, User
-from tidings.protocol import MessageState, encode
+from tidings.models import Message, Position, User
+from tidings.outbox import Outbox, Transport
 from tidings.recorder import Recorder
 
 log = logging.getLogger("tidings.session")
 
 
-class Transport(Protocol):
-    """The socket, as the session sees it; the endpoint adapts the real one."""
-
-    async def send_text(self, text: str) -> None:
-        """Write one text frame; raise ``ConnectionGone`` when the peer has gone."""
-
-    async def close(self, code: int, reason: str) -> None:
-        """Close with a code and reason; never raises."""
-
-
-@dataclass(slots=True)
-class _Out:
-    text: str
-    # A message frame: marked ``sent`` once written.
-    message: Message | None = None
-    # A state frame: the id of its message, so that a later state replaces it.
-    state_of: str | None = None
-    superseded: bool = False
-
-
 class Session:
     """A connection's server side.
 
-    Every frame for the client goes through one queue, drained by one writer
-    task (the seed's ``streamWorker``), so frames leave in the order they were
-    queued, and the writer never waits on the database: ``sent`` goes to the
-    recorder. Nobody waits for a slow client either. Live messages that find
-    the queue full are dropped from memory, since they are durable, and read
-    again from the store once the client has caught up; a state frame
-    replaces an earlier one for the same message that is still queued (a state
-    may be skipped once a later one is recorded). Replies to the client's own
-    frames are always queued, and the endpoint reads its next frames only when
-    there is room. Only a client that takes no frame for ``write_timeout``
-    while frames wait is cut as a slow consumer.
+    Every frame for the client goes through the session's ``Outbox``, which
+    writes them in order and never waits on the database or on a slow client.
+    The session decides what goes in: the backlog, read from the store at the
+    pace the client reads, then the live stream the hub brings, joined to it
+    without a gap or a duplicate. Live messages that find the outbox full are
+    dropped from memory, since they are durable, and read again from the
+    store once the client has caught up. Only a client that takes no frame
+    for ``write_timeout`` while frames wait, or lets eight times the queue
+    pile up, is cut as a slow consumer.
 
-    An idle session holds no task: the writer runs while frames wait, and the
-    clocks (identification, token expiry) are timer handles.
+    An idle session holds no task: the outbox's writer runs while frames wait,
+    and the clocks (identification, token expiry) are timer handles. Every
+    task, the writer's too, is the session's own, and ``stop`` ends them all.
     """
 
     __slots__ = (
         "_backlog_batch",
         "_behind",
         "_closed",
-        "_closing",
         "_conn_id",
         "_hub",
-        "_idle",
         "_joining",
         "_last",
+        "_outbox",
         "_pending",
         "_presence",
-        "_queue",
         "_queue_size",
-        "_queued_states",
-        "_recorder",
-        "_room",
-        "_sending_since",
         "_since",
         "_store",
         "_stream",
         "_tasks",
         "_timers",
         "_transport",
-        "_watchdog",
-        "_write_timeout",
-        "_writer",
         "user",
     )
 
@@ -108,19 +75,17 @@ class Session:
         self._store = store
         self._presence = presence
         self._hub = hub
-        self._recorder = recorder
         self._queue_size = queue_size
         self._backlog_batch = backlog_batch
-        self._write_timeout = write_timeout
-        self._queue: deque[_Out] = deque()
-        self._queued_states: dict[str, _Out] = {}
-        self._writer: asyncio.Task[None] | None = None
-        # When the frame being written was handed to the socket; None between frames.
-        self._sending_since: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
-        # Futures made only while someone waits: for room in the queue, for it to empty.
-        self._room: asyncio.Future[None] | None = None
-        self._idle: asyncio.Future[None] | None = None
+        self._outbox = Outbox(
+            transport,
+            recorder.record,
+            queue_size=queue_size,
+            write_timeout=write_timeout,
+            spawn=self._spawn,
+            on_progress=self._progress,
+            on_stuck=self._cut,
+        )
         self.user: User | None = None
         self._since: Position | None = None
         # The position of the last message queued: the live stream comes in
@@ -134,11 +99,11 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
-        self._closing = False  # no frame is taken or queued any more
         self._closed: asyncio.Event | None = None
 
     @property
     def conn_id(self) -> str:
+        """The connection's id, as logs and message receipts name it."""
         return self._conn_id
 
     @property
@@ -173,19 +138,10 @@ class Session:
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the client without waiting."""
-        state_of = frame["id"] if frame["type"] == "state" else None
-        # Only a client that falls behind misses states; others see every one.
-        behind = len(self._queue) >= self._queue_size // 2
-        if state_of is not None and behind and (earlier := self._queued_states.get(state_of)):
-            earlier.superseded = True
-        out = _Out(encode(frame), state_of=state_of)
-        if state_of is not None:
-            self._queued_states[state_of] = out
-        self._append(out)
-        if len(self._queue) > self._queue_size * 8:
-            self._cut("too many frames waiting to be sent")
+        self._outbox.push(frame)
 
     def deliver(self, message: Message) -> None:
+        """Queue a live message the hub brings, or keep it to be joined to the backlog."""
         if self._joining:
             if len(self._pending) < self._queue_size * 4:
                 self._pending.append(message)
@@ -195,11 +151,8 @@ class Session:
             self._offer(message)
 
     async def room(self) -> None:
-        """Wait until the queue has room: the endpoint reads no frame before."""
-        if len(self._queue) >= self._queue_size and not self._closing:
-            if self._room is None:
-                self._room = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._room)
+        """Wait until the outbox has room: the endpoint reads no frame before."""
+        await self._outbox.room()
 
     async def identify(self, user: User, since: Position | None) -> None:
         """Become ``user``'s session: join the backlog to the live stream."""
@@ -213,13 +166,14 @@ class Session:
             await self._set_presence(True)
 
     def resync(self) -> None:
-        if self.user is not None and not self._closing:
+        """Read the backlog again: the feed may have missed messages."""
+        if self.user is not None and not self._outbox.closed:
             self._begin_stream(None)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""
-        if not self._closing:
-            self._closing = True
+        if not self._outbox.closed:
+            self._outbox.close()
             await self._shut(code, reason)
 
     async def _shut(self, code: int, reason: str) -> None:
@@ -231,17 +185,12 @@ class Session:
 
     async def finish(self, code: int, reason: str, flush_timeout: float) -> None:
         """Close after writing what is already queued, waiting at most ``flush_timeout``."""
-        if self._writer is not None:
-            if self._idle is None:
-                self._idle = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(flush_timeout):
-                    await asyncio.shield(self._idle)
+        await self._outbox.flush(flush_timeout)
         await self.close(code, reason)
 
     async def stop(self) -> None:
         """End every task of this session and leave the hub. Idempotent."""
-        self._closing = True
+        self._outbox.close()
         for timer in self._timers:
             timer.cancel()
         current = asyncio.current_task()
@@ -249,8 +198,7 @@ class Session:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        _resolve(self._room)
-        _resolve(self._idle)
+        self._outbox.wake()
         if self.user is not None and self._hub.detach(self.user.email, self):
             await self._set_presence(False)
         self.closed.set()
@@ -277,11 +225,11 @@ class Session:
         email = self.user.email
         await self._hub.ready(email)
         count = 0
-        while not self._closing:
+        while not self._outbox.closed:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
             for message in page:
-                await self.room()  # The backlog goes at the pace the client reads.
-                self._append(_Out(encode(message.frame()), message))
+                await self._outbox.room()  # The backlog goes at the pace the client reads.
+                self._outbox.push_message(message)
                 self._last = message.position
             count += len(page)
             if len(page) < self._backlog_batch:
@@ -295,80 +243,30 @@ class Session:
         self._behind = self._behind or behind
         self._pending.clear()
         self._joining = False
-        if self._behind and self._writer is None:
+        if self._behind and not self._outbox.writing:
             self._begin_stream(self._last)  # Dropped while joining, nothing queued: read again.
 
     def _offer(self, message: Message) -> None:
         if self._last is not None and message.position <= self._last:
             return  # The backlog had it already.
-        if len(self._queue) >= self._queue_size:
+        if self._outbox.full:
             # Durable, so it is read again once the client has caught up.
             self._behind = True
             return
-        self._append(_Out(encode(message.frame()), message))
+        self._outbox.push_message(message)
         self._last = message.position
 
-    def _append(self, out: _Out) -> None:
-        if self._closing:
-            return  # Stored messages are redelivered on the next connection.
-        self._queue.append(out)
-        if self._writer is None:
-            self._writer = self._spawn(self._write)
-
-    async def _write(self) -> None:
-        loop = asyncio.get_running_loop()
-        # One watchdog a run of the writer, not a timeout a frame: a timeout
-        # costs a timer of its own, and this is the path of every frame.
-        self._watchdog = loop.call_later(self._write_timeout, self._watch)
-        try:
-            # Checked as well as cancellation, which a database call racing its
-            # own timeout can lose on Python 3.11 (see the change-stream feed).
-            while self._queue and not self._closing:
-                out = self._queue.popleft()
-                if len(self._queue) < self._queue_size:
-                    _resolve(self._room)
-                    self._room = None
-                if self._behind and not self._joining and len(self._queue) <= self._queue_size // 2:
-                    self._begin_stream(self._last)  # Caught up enough: read what was dropped.
-                if out.state_of is not None and self._queued_states.get(out.state_of) is out:
-                    del self._queued_states[out.state_of]
-                if out.superseded:
-                    continue
-                self._sending_since = loop.time()
-                try:
-                    await self._transport.send_text(out.text)
-                except ConnectionGone:
-                    self._closing = True  # Nobody is listening: queue nothing more.
-                    return
-                self._sending_since = None
-                if out.message is not None and out.message.state is MessageState.STORED:
-                    self._recorder.record(Transition.of(out.message, MessageState.SENT))
-            if self._behind and not self._joining and not self._closing:
-                self._begin_stream(self._last)  # Emptied while behind: read what was dropped.
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            self._writer = None
-            self._sending_since = None
-            _resolve(self._idle)
-            self._idle = None
-
-    def _watch(self) -> None:
-        """Cut a client that took no frame for ``write_timeout``; else look again later."""
-        stuck = 0.0
-        if self._sending_since is not None:
-            stuck = asyncio.get_running_loop().time() - self._sending_since
-        if stuck >= self._write_timeout:
-            self._cut(f"no frame taken for {self._write_timeout:g} seconds")
-        else:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(self._write_timeout - stuck, self._watch)
+    def _progress(self) -> None:
+        """The outbox has emptied to half or less: read again what was dropped."""
+        if self._behind and not self._joining:
+            self._begin_stream(self._last)
 
     def _cut(self, why: str) -> None:
-        if self._closing:
+        """Close a client the outbox found stuck, from a task of its own."""
+        if self._outbox.closed:
             return
-        self._closing = True
-        log.warning("slow_consumer", extra={**self.log_fields, "queued": len(self._queue)})
+        self._outbox.close()
+        log.warning("slow_consumer", extra={**self.log_fields, "queued": len(self._outbox)})
         reason = f"slow consumer: {why}"
         self._spawn(functools.partial(self._shut, CloseCode.POLICY_VIOLATION, reason))
 
@@ -391,9 +289,3 @@ class Session:
         except Exception:
             log.exception("session_task_crashed", extra=self.log_fields)
             await self.close(CloseCode.INTERNAL_ERROR, "internal error")
-
-
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    """Wake whoever waits on ``future``; the next wait makes a new one."""
-    if future is not None and not future.done():
-        future.set_result(None)

@@ -9,7 +9,8 @@ state changes back to the sender, in both change-stream scopes.
 Schema version 2 (field ``v``) gives every inbox document a ``seq``: its
 position in the inbox, handed out in the order documents are committed (see
 ``batch.SequencedCommit``). Version 1 documents, written by Tidings 0.1, have
-no ``seq``; ``MongoStore`` numbers them the first time it opens their collection.
+no ``seq``; ``schema.prepare`` numbers them the first time a process opens their
+collection.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ Document = dict[str, Any]
 SCHEMA = 2
 INBOX = "in"
 OUTBOX = "out"
-# Marks a collection whose inbox documents all have a ``seq``.
-SCHEMA_MARKER = "schema"
 
 # Ids are unique per sender; this also finds a message by id for ack/read.
 SENDER_ID_INDEX = IndexModel(
@@ -52,7 +51,6 @@ POSITION_INDEX = IndexModel([("seq", ASCENDING)], unique=True, sparse=True, name
 BACKLOG_INDEX = IndexModel(
     [("k", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)], name="stored_order"
 )
-SCHEMA_1_BACKLOG_INDEX = "backlog"
 MESSAGE_INDEXES = [SENDER_ID_INDEX, POSITION_INDEX, BACKLOG_INDEX]
 
 PENDING_VALUES = [MessageState.STORED.value, MessageState.SENT.value]

@@ -1,16 +1,16 @@
 """``MongoStore``: the messages, on PyMongo's async API.
 
-See ``documents`` for the layout. Every method maps the driver's errors to
-``StoreUnavailable`` (``_guarded``): past the storage seam nobody sees a
-PyMongo type. Writes are batched: one command per collection for a sender's
-consecutive messages, for the inbox inserts of concurrent senders
+See ``documents`` for the layout, and ``schema`` for the migration from Tidings
+0.1's, done the first time a process opens a collection. Every method maps the
+driver's errors to ``StoreUnavailable`` (``guarded``): past the storage seam
+nobody sees a PyMongo type. Writes are batched: one command per collection for
+a sender's consecutive messages, for the inbox inserts of concurrent senders
 (``batch.SequencedCommit``) and for the state transitions of many messages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,17 +19,13 @@ from typing import Any
 from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError
 
-from tidings.engine.mongo.batch import DUPLICATE_KEY, SequencedCommit, next_position
+from tidings.engine.mongo.batch import DUPLICATE_KEY, SequencedCommit
 from tidings.engine.mongo.documents import (
     INBOX,
-    MESSAGE_INDEXES,
     OUTBOX,
     PENDING_VALUES,
-    SCHEMA,
-    SCHEMA_1_BACKLOG_INDEX,
-    SCHEMA_MARKER,
     Document,
     inbox_doc,
     message_of,
@@ -37,6 +33,7 @@ from tidings.engine.mongo.documents import (
     state_of,
 )
 from tidings.engine.mongo.errors import guarded
+from tidings.engine.mongo.schema import number_schema_1, prepare
 from tidings.engine.mongo.users import Users
 from tidings.errors import StoreUnavailable
 from tidings.models import (
@@ -179,7 +176,7 @@ class MongoStore:
         if any("seq" not in doc for doc in docs):
             # A Tidings 0.1 process still writes here (a rolling upgrade that
             # the docs advise against): give its messages positions, read again.
-            await _number_schema_1(inbox)
+            await number_schema_1(inbox)
             docs = await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
         return [message_of(doc) for doc in docs if "seq" in doc]
 
@@ -228,7 +225,7 @@ class MongoStore:
         coll = self._db[name]
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = asyncio.ensure_future(_prepare(coll))
+            prepared = self._prepared[name] = asyncio.ensure_future(prepare(coll))
             prepared.add_done_callback(functools.partial(self._forget_failure, name))
         await asyncio.shield(prepared)
         return coll
@@ -236,46 +233,6 @@ class MongoStore:
     def _forget_failure(self, name: str, prepared: asyncio.Future[None]) -> None:
         if prepared.cancelled() or prepared.exception() is not None:
             self._prepared.pop(name, None)
-
-
-async def _prepare(coll: AsyncCollection[Document]) -> None:
-    """Number the schema 1 inbox documents of ``coll`` and make its indexes.
-
-    A collection written by Tidings 0.1 has inbox documents without ``seq``;
-    they get positions in the order of their ObjectIds, which is the order
-    0.1 delivered them in. The marker says the work is done, so this costs one
-    look-up per collection and process afterwards.
-    """
-    if await coll.find_one({"_id": SCHEMA_MARKER}) is None:
-        await _number_schema_1(coll)
-        # Schema 1's backlog index sorted by ``_id``; nothing reads it any more.
-        with contextlib.suppress(OperationFailure):
-            await coll.drop_index(SCHEMA_1_BACKLOG_INDEX)
-        await coll.create_indexes(MESSAGE_INDEXES)
-        await coll.update_one({"_id": SCHEMA_MARKER}, {"$set": {"v": SCHEMA}}, upsert=True)
-    else:
-        await coll.create_indexes(MESSAGE_INDEXES)
-
-
-async def _number_schema_1(coll: AsyncCollection[Document]) -> None:
-    """Give inbox documents without a position the next ones, in ObjectId order.
-
-    Another process doing the same at once may take a position first; its
-    write wins, ours stops there, and what is left is numbered on a later read.
-    """
-    old = coll.find({"k": INBOX, "seq": {"$exists": False}}).sort("_id", ASCENDING)
-    ids = [doc["_id"] async for doc in old]
-    if not ids:
-        return
-    first = await next_position(coll)
-    updates = [
-        UpdateOne(
-            {"_id": oid, "seq": {"$exists": False}}, {"$set": {"seq": first + n, "v": SCHEMA}}
-        )
-        for n, oid in enumerate(ids)
-    ]
-    with contextlib.suppress(BulkWriteError):
-        await coll.bulk_write(updates, ordered=True)
 
 
 async def _insert_unordered(coll: AsyncCollection[Document], docs: list[Document]) -> set[int]:
