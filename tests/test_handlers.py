@@ -8,6 +8,7 @@ identify as anyone, as in dev mode.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -483,6 +484,31 @@ async def test_a_batch_of_acks_is_recorded_before_it_returns(
     # The sender hears of it through the feed (a frame that never comes times out).
     await states_of(alice_transport, "m1", "delivered")
     await states_of(alice_transport, "m2", "read")
+
+
+async def test_batches_are_logged_one_line_each_at_debug_only(
+    world: World, handlers: Handlers, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, _ = await connect(world, handlers, ALICE)
+    bob, _ = await connect(world, handlers, BOB)
+    with caplog.at_level(logging.INFO, logger="tidings.handlers"):
+        await send(handlers, alice, {"to": BOB, "id": "quiet"})
+    assert [r for r in caplog.records if r.getMessage().startswith("messages_")] == []
+    with caplog.at_level(logging.DEBUG, logger="tidings.handlers"):
+        await send(handlers, alice, {"to": BOB, "id": "m1"}, {"to": BOB, "id": "m2"})
+        await send(handlers, alice, {"to": BOB, "id": "m1"})
+        await acknowledge(handlers, bob, {"type": "ack", "id": "m1"}, {"type": "read", "id": "m2"})
+    lines = [
+        (r.getMessage(), r.__dict__["message_ids"], r.__dict__.get("state"))
+        for r in caplog.records
+        if r.getMessage().startswith("messages_")
+    ]
+    assert lines == [
+        ("messages_stored", ["m1", "m2"], "stored"),
+        ("messages_resent", ["m1"], None),
+        ("messages_delivered", ["m1"], "delivered"),
+        ("messages_read", ["m2"], "read"),
+    ]
 
 
 async def test_ack_then_read_reach_the_sender_in_order(world: World, handlers: Handlers) -> None:

@@ -15,7 +15,7 @@ from bench.bare import BareFailed, run_bare
 from bench.figures.common import Context, generator_note, join, reached, status
 from bench.load import LoadError, drive_throughput, open_pairs, run_tag
 from bench.proc import CpuMeter
-from bench.result import FigureResult, Row, error_row
+from bench.result import FigureResult, Row, Target, error_row
 from bench.servers import NxServer, ServerFailed, TidingsServer
 
 NAME = "M2 store path, nx-27017 (stored acks/s)"
@@ -74,6 +74,7 @@ async def run(ctx: Context) -> FigureResult:
             measured.rate,
             float(bare["rate_per_s"]),
             BASELINE,
+            target=Target(">=", 1.0),
             status=status(measured.timed_out, bool(bare["timed_out"])),
             note=join(
                 f"{plan.m2_senders} senders x {plan.m2_messages}, window {plan.m2_window}; "

@@ -17,7 +17,7 @@ from typing import Any
 from bench.figures.common import Context, generator_note, join, median, reached, status
 from bench.load import LoadError, drive_echo, drive_throughput, open_pairs, run_tag
 from bench.proc import CpuMeter
-from bench.result import FigureResult, Row, error_row
+from bench.result import FigureResult, Row, Target, error_row
 from bench.servers import EchoServer, ServerFailed, TidingsServer
 
 NAME = "M1 throughput, embedded (delivered msgs/s)"
@@ -83,6 +83,7 @@ async def run(ctx: Context) -> FigureResult:
             measured_rate,
             baseline_rate,
             BASELINE,
+            target=Target(">=", 0.30),
             status=status(timed_out, len(tidings_runs) < plan.m1_repeats),
             note=join(
                 f"median of {len(tidings_runs)} run(s); {plan.m1_pairs} pairs x "
