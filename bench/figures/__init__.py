@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bench.figures import commands, flat, latency, memory, store, throughput
+# Module imports, not names from this package: mypy resolves those against this
+# very __init__ and, depending on its cache, finds no "memory" here.
+import bench.figures.commands as commands
+import bench.figures.flat as flat
+import bench.figures.latency as latency
+import bench.figures.memory as memory
+import bench.figures.store as store
+import bench.figures.throughput as throughput
 from bench.figures.common import Context
 from bench.result import FigureResult
 
