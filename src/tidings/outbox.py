@@ -151,7 +151,7 @@ class Outbox:
 
     async def room(self) -> None:
         """Wait until the queue is not full (or the outbox is closed)."""
-        if len(self._queue) >= self._queue_size and not self._closed:
+        if self.full and not self._closed:
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)
@@ -212,13 +212,11 @@ class Outbox:
 
     def _watch(self) -> None:
         """Report a client that took no frame for ``write_timeout``; else look again later."""
-        stuck = 0.0
-        if self._sending_since is not None:
-            stuck = asyncio.get_running_loop().time() - self._sending_since
+        loop = asyncio.get_running_loop()
+        stuck = 0.0 if self._sending_since is None else loop.time() - self._sending_since
         if stuck >= self._write_timeout:
             self._on_stuck(f"no frame taken for {self._write_timeout:g} seconds")
         else:
-            loop = asyncio.get_running_loop()
             self._watchdog = loop.call_later(self._write_timeout - stuck, self._watch)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from tidings.config import Settings
 from tidings.engine.base import Engine, Feed, Presence, Sink, Store
@@ -19,6 +19,7 @@ log = logging.getLogger("tidings.engine")
 @asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     """The engine the settings ask for, open for the lifetime of the context."""
+    opened: AbstractAsyncContextManager[Engine]
     if settings.embedded:
         log.warning(
             "embedded_store",
@@ -27,14 +28,10 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                 "LOST when the process exits. Set it for anything but a trial."
             },
         )
-        engine = memory_engine()
-        await engine.store.start()
-        try:
-            yield engine
-        finally:
-            await engine.store.close()
-        return
-    async with open_mongo(settings) as engine:
+        opened = nullcontext(memory_engine())
+    else:
+        opened = open_mongo(settings)
+    async with opened as engine:
         await engine.store.start()
         try:
             yield engine

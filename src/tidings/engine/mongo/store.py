@@ -111,7 +111,8 @@ class MongoStore:
             else:
                 outcomes[i] = await self._answer_resend(sender, drafts[i])
         if stored:
-            await _bulk(receipts, [_receipt_update(m, MessageState.STORED, now) for m in stored])
+            updates = [_advance(OUTBOX, m.sender, m.id, MessageState.STORED, now) for m in stored]
+            await _bulk(receipts, updates)
         return [outcomes[i] for i in range(len(drafts))]
 
     async def _answer_reuse(
@@ -150,7 +151,7 @@ class MongoStore:
         state, at = state_of(existing)
         # Repairs a receipt left behind by an attempt that stopped half way.
         receipts = await self._messages(sender)
-        await _bulk(receipts, [_receipt_update(message_of(existing), state, at)])
+        await _bulk(receipts, [_advance(OUTBOX, sender, draft.id, state, at)])
         return Outcome(draft.id, state, at)
 
     @guarded
@@ -172,12 +173,16 @@ class MongoStore:
         if after is not None:
             query["seq"] = {"$gt": after}
         inbox = await self._messages(owner)
-        docs = await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
+
+        async def page() -> list[Document]:
+            return await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
+
+        docs = await page()
         if any("seq" not in doc for doc in docs):
             # A Tidings 0.1 process still writes here (a rolling upgrade that
             # the docs advise against): give its messages positions, read again.
             await number_schema_1(inbox)
-            docs = await inbox.find(query).sort("seq", ASCENDING).limit(limit).to_list(None)
+            docs = await page()
         return [message_of(doc) for doc in docs if "seq" in doc]
 
     @guarded
@@ -197,7 +202,7 @@ class MongoStore:
             if isinstance(result, BaseException):
                 continue
             for t in group:
-                receipts[t.sender].append(_receipt_update_of(t.sender, t.id, t.state, now))
+                receipts[t.sender].append(_advance(OUTBOX, t.sender, t.id, t.state, now))
         for sender, updates in receipts.items():
             await _bulk(await self._messages(sender), updates)
         for result in results:
@@ -205,18 +210,7 @@ class MongoStore:
                 raise result
 
     async def _record_inbox(self, owner: str, group: list[Transition], now: Any) -> None:
-        updates = [
-            UpdateOne(
-                {
-                    "k": INBOX,
-                    "mid": t.id,
-                    "from": t.sender,
-                    "state": {"$in": earlier_than(t.state)},
-                },
-                {"$set": {"state": t.state.value, f"at.{t.state.value}": now}},
-            )
-            for t in group
-        ]
+        updates = [_advance(INBOX, t.sender, t.id, t.state, now) for t in group]
         await _bulk(await self._messages(owner), updates)
 
     async def _messages(self, email: str) -> AsyncCollection[Document]:
@@ -252,18 +246,16 @@ async def _bulk(coll: AsyncCollection[Document], updates: list[UpdateOne]) -> No
         await coll.bulk_write(updates, ordered=False)
 
 
-def _receipt_update(message: Message, state: MessageState, at: Any) -> UpdateOne:
-    return _receipt_update_of(message.sender, message.id, state, at)
+def _advance(kind: str, sender: str, message_id: str, state: MessageState, at: Any) -> UpdateOne:
+    """Move an inbox document or a receipt forward to ``state``, never back.
 
-
-def _receipt_update_of(sender: str, message_id: str, state: MessageState, at: Any) -> UpdateOne:
-    """Move a receipt forward to ``state``; never back, and a ``received`` one too."""
+    A receipt may still be ``received`` (its inbox document written, the
+    receipt not yet moved); an inbox document never is.
+    """
+    earlier = earlier_than(state)
+    if kind == OUTBOX:
+        earlier = [MessageState.RECEIVED.value, *earlier]
     return UpdateOne(
-        {
-            "k": OUTBOX,
-            "mid": message_id,
-            "from": sender,
-            "state": {"$in": [MessageState.RECEIVED.value, *earlier_than(state)]},
-        },
+        {"k": kind, "mid": message_id, "from": sender, "state": {"$in": earlier}},
         {"$set": {"state": state.value, f"at.{state.value}": at}},
     )
