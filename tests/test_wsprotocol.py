@@ -8,7 +8,7 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -18,15 +18,16 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
+from uvicorn.server import ServerState
 from websockets.client import ClientProtocol
-from websockets.frames import Close
+from websockets.frames import Close, Frame
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from tests.helpers import TIMEOUT, client
 from tidings.cli import server_config
 from tidings.config import Settings
-from tidings.wsprotocol import BoundedCloseProtocol
+from tidings.wsprotocol import CORK_LIMIT, BoundedCloseProtocol
 
 # Small enough that the peer's TCP window stays tiny, so the server's kernel
 # cannot swallow the flood and the protocol's own write buffer fills.
@@ -343,3 +344,179 @@ def test_server_config_uses_the_settings_close_timeout() -> None:
     assert isinstance(config.ws, type)
     assert issubclass(config.ws, BoundedCloseProtocol)
     assert config.ws.default_close_timeout == 2.5
+
+
+# --- corking --------------------------------------------------------------------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what is written to it, one entry a ``write`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self._wrote = asyncio.Event()
+        self._closing = False
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait, checking after each write, until ``condition`` holds."""
+        async with asyncio.timeout(TIMEOUT):
+            while not condition():
+                self._wrote.clear()
+                await self._wrote.wait()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        self._wrote.set()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+
+    def abort(self) -> None:
+        self._closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def corked_connection(
+    endpoint: Callable[[WebSocket], Awaitable[None]], transport: RecordingTransport
+) -> tuple[BoundedCloseProtocol, ClientProtocol]:
+    """``endpoint`` behind the protocol on ``transport``, past the handshake."""
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    config = server_config(app, FAST)
+    config.load()
+    protocol = BoundedCloseProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    protocol.connection_made(transport)
+    peer = ClientProtocol(parse_uri("ws://127.0.0.1:8000/ws"))
+    peer.send_request(peer.connect())
+    protocol.data_received(b"".join(peer.data_to_send()))
+    await transport.until(lambda: bool(transport.writes))  # the handshake response
+    peer.receive_data(transport.writes.pop(0))
+    assert peer.state is State.OPEN
+    peer.events_received()  # the handshake response
+    return protocol, peer
+
+
+def frames_in(peer: ClientProtocol, writes: list[bytes]) -> list[str]:
+    """The text of the frames ``writes`` carry, in order."""
+    for data in writes:
+        peer.receive_data(data)
+    return [bytes(e.data).decode() for e in peer.events_received() if isinstance(e, Frame)]
+
+
+async def test_frames_sent_in_one_turn_of_the_loop_go_out_in_one_write() -> None:
+    done = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        for n in range(5):
+            await websocket.send_text(f"frame {n}")
+        await done.wait()
+
+    transport = RecordingTransport()
+    protocol, peer = await corked_connection(endpoint, transport)
+    try:
+        await transport.until(lambda: bool(transport.writes))
+        assert len(transport.writes) == 1
+        assert frames_in(peer, transport.writes) == [f"frame {n}" for n in range(5)]
+    finally:
+        done.set()
+        protocol.connection_lost(None)
+
+
+async def test_corked_frames_keep_their_place_before_a_pong_and_a_close() -> None:
+    sent = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("first")
+        sent.set()
+        await go_on.wait()
+        await websocket.send_text("last")
+        await websocket.close(4003, "done")
+
+    transport = RecordingTransport()
+    protocol, peer = await corked_connection(endpoint, transport)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await sent.wait()
+        # A ping answered before the corked frame was written: the pong goes after it.
+        peer.send_ping(b"hi")
+        protocol.data_received(b"".join(peer.data_to_send()))
+        go_on.set()
+        await transport.until(lambda: protocol.close_sent)
+        for data in transport.writes:
+            peer.receive_data(data)
+        events = peer.events_received()
+        assert [(type(e).__name__, getattr(e, "data", b"")) for e in events] == [
+            ("Frame", b"first"),
+            ("Frame", b"hi"),
+            ("Frame", b"last"),
+            ("Frame", b"\x0f\xa3done"),
+        ]
+        assert [e.opcode.name for e in events if isinstance(e, Frame)] == [
+            "TEXT",
+            "PONG",
+            "TEXT",
+            "CLOSE",
+        ]
+    finally:
+        protocol.connection_lost(None)
+
+
+async def test_a_large_cork_is_written_at_once_so_that_flow_control_applies() -> None:
+    half = "x" * (CORK_LIMIT // 2 + 1)
+    written_before_yield: list[int] = []
+    transport = RecordingTransport()
+
+    go = asyncio.Event()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await go.wait()
+        await websocket.send_text(half)
+        written_before_yield.append(len(transport.writes))
+        await websocket.send_text(half)  # past the limit: written now
+        written_before_yield.append(len(transport.writes))
+
+    protocol, peer = await corked_connection(endpoint, transport)
+    go.set()
+    try:
+        await transport.until(lambda: len(written_before_yield) == 2)
+        assert written_before_yield == [0, 1]
+        assert frames_in(peer, transport.writes) == [half, half]
+    finally:
+        protocol.connection_lost(None)
+
+
+async def test_nothing_corked_is_written_to_a_closing_transport() -> None:
+    sent = asyncio.Event()
+    done = asyncio.Event()
+    transport = RecordingTransport()
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("too late")
+        transport.close()  # as uvicorn does when the server shuts down
+        sent.set()
+        await done.wait()
+
+    protocol, _ = await corked_connection(endpoint, transport)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await sent.wait()
+        await asyncio.sleep(0)  # the turn ends; the cork comes out
+        assert transport.writes == []
+    finally:
+        done.set()
+        protocol.connection_lost(None)

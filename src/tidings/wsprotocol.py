@@ -21,6 +21,12 @@ frame and a clean close, since nothing is aborted that could still flush.
 
 The other closes in uvicorn (the peer's close frame, a protocol error) hand
 the app a disconnect, so they end through ``run_asgi`` and are bounded there.
+
+It also corks text frames: uvicorn writes each frame to the socket as it is
+sent, one system call a frame, which py-spy put at a tenth of the server's CPU
+under load. Here frames sent in one turn of the event loop go out in one write
+at the end of it. Order is kept: every other write uvicorn makes (pongs, the
+close frame) takes the connection's pending bytes first.
 """
 
 from __future__ import annotations
@@ -30,8 +36,13 @@ from typing import Any, ClassVar
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.exceptions import InvalidState
+
+# Corked bytes that are written at once rather than at the end of the turn.
+CORK_LIMIT = 64 * 1024
 
 
 class BoundedCloseProtocol(WebSocketsSansIOProtocol):
@@ -58,9 +69,35 @@ class BoundedCloseProtocol(WebSocketsSansIOProtocol):
         # timer follows the same setting as everything added here.
         self.close_timeout = self.default_close_timeout
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._corked = False  # an _uncork is scheduled
+        self._corked_bytes = 0
 
     async def send(self, message: ASGISendEvent) -> None:
-        """uvicorn's ``send``, except that a close cannot hang on a full write buffer."""
+        """uvicorn's ``send``, except that a close cannot hang on a full write buffer.
+
+        A text frame on an open connection with room in its write buffer is
+        corked: written with whatever else is sent in this turn of the loop.
+        """
+        if (
+            message["type"] == "websocket.send"
+            and (text := message.get("text")) is not None
+            and self.writable.is_set()
+            and self.handshake_complete
+            and not (self.close_sent or self.disconnected or self.initial_response)
+        ):
+            data = text.encode()
+            try:
+                self.conn.send_text(data)
+            except InvalidState:
+                raise ClientDisconnected() from None
+            self._corked_bytes += len(data)
+            if self._corked_bytes >= CORK_LIMIT:
+                # Written now, so that a full buffer pauses the next send, as in uvicorn.
+                self._write_corked()
+            elif not self._corked:
+                self._corked = True
+                self.loop.call_soon(self._uncork)
+            return
         if message["type"] == "websocket.close" and not await self._room_for_close():
             return
         earlier_timer = self.close_timer
@@ -73,6 +110,18 @@ class BoundedCloseProtocol(WebSocketsSansIOProtocol):
             self.close_timer = self.loop.call_later(self.close_timeout, self._handshake_expired)
         # Refusing a handshake (403 or a denial response) closes the transport at once.
         self._abort_unless_flushed_in_time()
+
+    def _uncork(self) -> None:
+        """At the end of a turn of the loop: write what it corked."""
+        self._corked = False
+        self._write_corked()
+
+    def _write_corked(self) -> None:
+        """Write the frames corked so far, unless another write took them already."""
+        self._corked_bytes = 0
+        output = self.conn.data_to_send()
+        if output and not self.transport.is_closing():
+            self.transport.write(b"".join(output))
 
     async def run_asgi(self) -> None:
         """Run the app; then, if uvicorn closed the transport, bound its flush."""
