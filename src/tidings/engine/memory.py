@@ -37,6 +37,9 @@ from tidings.protocol import PENDING, MessageState, advances
 
 log = logging.getLogger("tidings.engine.memory")
 
+# Feed events handed to the hub between two yields to the event loop.
+_EVENTS_PER_TURN = 32
+
 
 @dataclass(slots=True)
 class _Receipt:
@@ -203,14 +206,21 @@ class MemoryFeed:
         self._running = True
         try:
             while True:
-                event = await self._events.get()
-                try:
-                    sink(event)
-                except Exception:
-                    # One event the hub cannot route must not stop delivery of the rest.
-                    log.exception("feed_event_failed", extra={"event_type": type(event).__name__})
-                # get() does not yield while events are queued; yielding here lets
-                # the writers drain their queues between events, not after a burst.
+                # get() does not yield while events are queued. Yielding after a
+                # turn's worth lets the writers drain their queues during a burst,
+                # not after it; yielding after each event was a turn of the loop
+                # per event, several per message.
+                turn = [await self._events.get()]
+                while len(turn) < _EVENTS_PER_TURN and not self._events.empty():
+                    turn.append(self._events.get_nowait())
+                for event in turn:
+                    try:
+                        sink(event)
+                    except Exception:
+                        # One event the hub cannot route must not stop delivery of the rest.
+                        log.exception(
+                            "feed_event_failed", extra={"event_type": type(event).__name__}
+                        )
                 await asyncio.sleep(0)
         finally:
             self._running = False
