@@ -6,8 +6,6 @@ import dataclasses
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
-import pytest
-
 from tests.fakes import ALICE, BOB, at, message
 from tidings.models import (
     Outcome,
@@ -120,8 +118,9 @@ def test_messages_are_values() -> None:
     assert message(position=2) == message(position=2)
     assert message(position=2) != message(position=3)
     assert hash(message()) == hash(message())
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        message().state = MessageState.READ  # type: ignore[misc]
+    # Immutable to mypy (``record``), which `make test` runs over src and tests;
+    # a changed copy is made with ``dataclasses.replace``.
+    assert dataclasses.replace(message(), state=MessageState.READ).state is MessageState.READ
 
 
 # --- Transition -------------------------------------------------------------------------
