@@ -18,7 +18,7 @@ import pytest
 
 from tests.fakes import TIMEOUT, FakeTransport, GoneTransport, message, spin, until
 from tidings.models import Transition
-from tidings.outbox import Outbox
+from tidings.outbox import BURST, Outbox
 from tidings.protocol import MessageState
 
 Frame = dict[str, Any]
@@ -282,6 +282,33 @@ async def test_a_state_frame_is_superseded_by_a_later_one_when_the_queue_is_behi
         ("m2", "stored", None),
         ("m1", "read", None),
         (None, None, "end"),
+    ]
+
+
+async def test_in_a_burst_received_gives_way_to_stored_and_alone_it_does_not(
+    owner: Owner,
+) -> None:
+    outbox, transport = await owner.stalled(queue_size=256)
+    # A client that sent one message: both answers, though both wait.
+    outbox.push(state("m0", "received"))
+    outbox.push(state("m0", "stored"))
+    # A burst: received for many messages, then their stored answers.
+    burst = [f"b{n}" for n in range(BURST)]
+    for mid in burst:
+        outbox.push(state(mid, "received"))
+    for mid in burst:
+        outbox.push(state(mid, "stored"))
+    # Only received gives way in a burst: sent and delivered are recorded states.
+    outbox.push(state("b0", "sent"))
+    transport.flowing.set()
+    frames = await rest(outbox, transport)
+    assert [(f.get("id"), f.get("state")) for f in frames] == [
+        (None, None),
+        ("m0", "received"),
+        ("m0", "stored"),
+        *[(mid, "stored") for mid in burst],
+        ("b0", "sent"),
+        (None, None),
     ]
 
 

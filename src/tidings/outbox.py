@@ -13,6 +13,9 @@ from tidings.errors import ConnectionGone
 from tidings.models import Message, Transition
 from tidings.protocol import MessageState, encode
 
+# Frames waiting in an outbox from which on a ``received`` gives way to its ``stored``.
+BURST = 16
+
 # Starts a coroutine function as a task of the outbox's owner, which cancels it on stop.
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], asyncio.Task[None]]
 
@@ -34,6 +37,8 @@ class _Out:
     message: Message | None = None
     # A state frame: the id of its message, so that a later state replaces it.
     state_of: str | None = None
+    # A ``received`` frame, which a burst lets go (see ``Outbox``).
+    received: bool = False
     superseded: bool = False
 
 
@@ -46,7 +51,11 @@ class Outbox:
     always taken up to eight times the bound, beyond which the client is cut
     (``on_stuck``). A state frame replaces an earlier one for the same message
     that is still queued, but only once half the bound waits: a client that
-    keeps up sees every state. The writer never waits on the database: a
+    keeps up sees every state. The one exception is ``received``, which is
+    never recorded: in a burst (``BURST`` frames waiting, as when a client
+    sends many messages at once) ``stored`` replaces it, sparing a frame a
+    message each way. A message sent on its own is still answered with both.
+    The writer never waits on the database: a
     message written as ``stored`` is handed to ``record`` as ``sent``.
 
     An idle outbox holds no task: the writer is started by ``spawn`` (so that
@@ -134,11 +143,16 @@ class Outbox:
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame that is not a message, such as a reply or a state."""
         state_of = frame["id"] if frame["type"] == "state" else None
-        # Only a client that falls behind misses states; others see every one.
-        lagging = len(self._queue) >= self._queue_size // 2
-        if state_of is not None and lagging and (earlier := self._queued_states.get(state_of)):
-            earlier.superseded = True
-        out = _Out(encode(frame), state_of=state_of)
+        if state_of is not None and (earlier := self._queued_states.get(state_of)):
+            # Only a client that falls behind misses states; others see every one.
+            waiting = len(self._queue)
+            if waiting >= self._queue_size // 2 or (earlier.received and waiting >= BURST):
+                earlier.superseded = True
+        out = _Out(
+            encode(frame),
+            state_of=state_of,
+            received=state_of is not None and frame["state"] == MessageState.RECEIVED,
+        )
         if state_of is not None:
             self._queued_states[state_of] = out
         self._append(out)
