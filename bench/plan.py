@@ -21,7 +21,7 @@ class Plan:
     m1_pairs: int = 20
     m1_messages: int = 300
     m1_window: int = 64
-    m1_repeats: int = 3
+    m1_repeats: int = 7
     m1_budget: float = 45.0
 
     # Flat inbox: preload target and its time bound, then the measured operations.
