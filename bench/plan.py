@@ -31,7 +31,10 @@ class Plan:
     # The embedded store can take 100,000 within the bound; nx-27017 cannot.
     flat_preload_budget: float = 150.0
     flat_preload_budget_nx: float = 60.0
-    flat_sends: int = 200
+    # Messages sent, then acked, to each inbox. On the embedded store 200 took
+    # 20 ms, a window one garbage collection of the 100,000 could fill alone.
+    flat_sends: int = 2_000
+    flat_sends_nx: int = 200
     flat_identifies: int = 10
     flat_window: int = 64
     flat_budget: float = 60.0
@@ -91,6 +94,7 @@ class Plan:
             flat_preload_budget=15.0,
             flat_preload_budget_nx=15.0,
             flat_sends=40,
+            flat_sends_nx=40,
             flat_identifies=3,
             m2_senders=4,
             m2_messages=20,

@@ -10,7 +10,8 @@ Then, alternating flat and empty:
 
 (b) identify with a backlog: connect, identify, hold the ``flat_pending``
     backlog messages; ``flat_identifies`` times each;
-(a) ``stored`` acks/s for ``flat_sends`` new messages to the (offline) recipient;
+(a) ``stored`` acks/s for ``flat_sends`` (on nx-27017 ``flat_sends_nx``) new
+    messages to the (offline) recipient;
 (c) acks/s: the recipient identifies, takes its whole backlog, acks all of it
     at once; until its sender saw ``delivered`` for each.
 
@@ -168,6 +169,7 @@ async def measure(ctx: Context, mongodb_uri: str | None) -> Measure:
     plan = ctx.plan
     pending = plan.flat_pending
     budget = plan.flat_preload_budget if mongodb_uri is None else plan.flat_preload_budget_nx
+    sends = plan.flat_sends if mongodb_uri is None else plan.flat_sends_nx
     result = Measure(preload_target=plan.flat_preload, preload_budget=budget)
     async with TidingsServer(ctx.workdir, mongodb_uri) as server:
         url = server.url
@@ -268,7 +270,7 @@ async def measure(ctx: Context, mongodb_uri: str | None) -> Measure:
 
             for name, email in (("flat", flat), ("empty", empty)):
                 rate, timed_out = await _stored_rate(
-                    main, email, f"a{name[0]}", plan.flat_sends, plan.flat_budget
+                    main, email, f"a{name[0]}", sends, plan.flat_budget
                 )
                 result.rates[name]["stored"] = rate
                 result.timed_out[f"stored_{name}"] = timed_out
@@ -312,6 +314,7 @@ async def run(ctx: Context) -> FigureResult:
             "preload_budget_s": plan.flat_preload_budget,
             "preload_budget_nx_s": plan.flat_preload_budget_nx,
             "sends": plan.flat_sends,
+            "sends_nx": plan.flat_sends_nx,
             "identifies": plan.flat_identifies,
             "window": plan.flat_window,
         },
@@ -356,7 +359,7 @@ async def run(ctx: Context) -> FigureResult:
                 600,
                 preloaded=max(0, ours.preloaded - plan.flat_pending),
                 pending=plan.flat_pending,
-                count=plan.flat_sends,
+                count=plan.flat_sends_nx,
                 finds=plan.flat_identifies,
             )
     except (ServerFailed, LoadError, BareFailed, TimeoutError) as exc:
