@@ -35,6 +35,8 @@ class Plan:
     # 20 ms, a window one garbage collection of the 100,000 could fill alone.
     flat_sends: int = 2_000
     flat_sends_nx: int = 200
+    # Alternating flat/empty rounds of those sends on the embedded store (median).
+    flat_rounds: int = 3
     flat_identifies: int = 10
     flat_window: int = 64
     flat_budget: float = 60.0
@@ -95,6 +97,7 @@ class Plan:
             flat_preload_budget_nx=15.0,
             flat_sends=40,
             flat_sends_nx=40,
+            flat_rounds=1,
             flat_identifies=3,
             m2_senders=4,
             m2_messages=20,
