@@ -147,6 +147,9 @@ class Open:
     error: BaseException | None = None  # raised by watch() itself
     gate: asyncio.Event | None = None  # watch() waits for it first
     live: bool = False  # replay the target's history after resume_after
+    # The aggregate's postBatchResumeToken, which PyMongo's resume_token gives at
+    # once; None plays a server that sends none.
+    token: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ class FakeTarget:
         if opening.live and resume_after is not None:
             after = resume_after["_data"]
             steps = [change for change in self.history if change["_id"]["_data"] > after]
-        stream = FakeStream(steps, resume_after, self._monitor)
+        stream = FakeStream(steps, opening.token or resume_after, self._monitor)
         self.streams.append(stream)
         self._monitor.pulse()
         return stream
@@ -637,7 +640,7 @@ async def test_resumable_error_mid_stream_backs_off_and_reopens(
     async with feeding(feed, sink):
         await monitor.until(lambda: len(db.calls) == 2)  # reopening, held at the gate
         assert not feed.running
-        assert feed.problem == "change stream not open: *"
+        assert feed.problem == f"change stream not open: * ({type(error).__name__}: {error})"
         assert db.streams[0].closes == 1
         assert sink.events == [inserted(1)]
         assert [extra(r, "stream") for r in records(caplog, "feed_interrupted")] == ["*"]
@@ -673,6 +676,72 @@ async def test_resumable_error_resumes_after_the_last_token(error: PyMongoError,
     assert [c.resume_after for c in db.calls] == [None, expected_token]
     # Nothing lost, nothing twice.
     assert sink.events == [inserted(1), inserted(3), inserted(4, to=CAROL)]
+
+
+@pytest.mark.parametrize("error", RESUMABLE)
+async def test_a_stream_that_fails_before_its_first_event_resumes_from_its_opening_token(
+    error: PyMongoError,
+) -> None:
+    monitor = Monitor()
+    # Opened from now at 5; 6 is written; the first getMore fails (after the
+    # driver's own retry). Resuming from now would never deliver 6.
+    history = [insert(n) for n in range(1, 7)]
+    db = FakeDatabase(monitor, [Open([error], token=tok(5)), Open(live=True)], history)
+    sink = Events(monitor)
+    async with feeding(make_feed(db, FakeCollections(monitor)), sink):
+        await monitor.until(lambda: db.waiting(2))
+    assert [c.resume_after for c in db.calls] == [None, tok(5)]
+    assert sink.events == [inserted(6)]
+    assert sink.resyncs() == []
+
+
+async def test_a_poison_event_is_logged_counted_and_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = Monitor()
+    poison = insert(2)
+    poison["fullDocument"]["sent_at"] = {"$date": "not a date"}
+    db = FakeDatabase(monitor, [Open([insert(1), poison, insert(3)])])
+    sink = Events(monitor)
+    feed = make_feed(db, FakeCollections(monitor))
+    async with feeding(feed, sink):
+        await monitor.until(db.waiting)
+        assert feed.running  # one bad event does not make the process unready
+        assert feed.problem is None
+    assert sink.events == [inserted(1), inserted(3)]
+    assert feed.poison_events == 1
+    assert len(db.calls) == 1  # skipped, not retried by reopening
+    [logged] = records(caplog, "feed_event_undecodable")
+    assert logged.levelno == logging.ERROR
+    assert logged.exc_info is not None
+    assert extra(logged, "token") == str(tok(2))
+
+
+async def test_an_unexpected_error_is_logged_unready_with_the_reason_then_resumed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = Monitor()
+    gate = asyncio.Event()
+    history = [insert(1), insert(2)]
+    db = FakeDatabase(
+        monitor,
+        [Open([insert(1), RuntimeError("a driver surprise")]), Open(live=True, gate=gate)],
+        history,
+    )
+    sink = Events(monitor)
+    feed = make_feed(db, FakeCollections(monitor))
+    async with feeding(feed, sink):
+        await monitor.until(lambda: len(db.calls) == 2)
+        assert not feed.running
+        assert feed.problem == "change stream not open: * (RuntimeError: a driver surprise)"
+        gate.set()
+        await monitor.until(lambda: db.waiting(2))
+        assert feed.running
+        assert feed.problem is None
+    assert [c.resume_after for c in db.calls] == [None, tok(1)]
+    assert sink.events == [inserted(1), inserted(2)]
+    [crashed] = records(caplog, "feed_crashed")
+    assert crashed.exc_info is not None
 
 
 async def test_error_at_open_backs_off_until_the_first_open_and_ready_waits(

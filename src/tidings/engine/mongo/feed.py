@@ -5,8 +5,12 @@ collections, whatever the number of users. ``collection`` scope, for servers
 that cannot watch a database, follows one stream per message collection that
 has a session on this process.
 
-Each stream keeps its latest resume token. A resumable error reopens it from
-that token after a capped, jittered exponential backoff, so nothing is missed.
+Each stream keeps its latest resume token, from the moment it opens (the
+opening aggregate's ``postBatchResumeToken``). A resumable error, or any other
+exception, reopens it from that token after a capped, jittered exponential
+backoff, so nothing is missed; meanwhile ``problem`` names the stream and the
+error, and ``/readyz`` says 503. An event that cannot be decoded is logged,
+counted and skipped: retried, it would fail the same way for ever.
 When the token is no good any more (history lost, invalidate) the stream starts
 again from now and a ``Resync`` makes the affected sessions re-read their
 backlog from the store, so nothing is lost either.
@@ -80,6 +84,8 @@ class _Follower:
     failures: int = 0
     # Why the stream restarted from now, until the sessions are told to resync.
     resync: str | None = None
+    # The last error that stopped the stream, while it is not open: for /readyz.
+    error: str | None = None
     # Set when no session needs this stream any more. Cancellation alone is not
     # enough: on Python 3.11 asyncio.wait_for, which PyMongo uses for socket
     # timeouts, can lose a cancellation that races a completed read, and a
@@ -123,6 +129,7 @@ class MongoChangeFeed:
         if scope == "database":
             self._followers[None] = _Follower(None)
         self._active = False
+        self._poison = 0
 
     @property
     def running(self) -> bool:
@@ -132,8 +139,17 @@ class MongoChangeFeed:
     def problem(self) -> str | None:
         if not self._active:
             return "the change feed is not running"
-        down = [f.label for f in self._followers.values() if not f.healthy]
-        return f"change stream not open: {', '.join(down[:3])}" if down else None
+        down = [f for f in self._followers.values() if not f.healthy]
+        if not down:
+            return None
+        problem = f"change stream not open: {', '.join(f.label for f in down[:3])}"
+        errors = [f.error for f in down if f.error]
+        return f"{problem} ({errors[0]})" if errors else problem
+
+    @property
+    def poison_events(self) -> int:
+        """Change events skipped because they could not be decoded, since start."""
+        return self._poison
 
     async def run(self, sink: Sink) -> None:
         self._sink = sink
@@ -197,6 +213,12 @@ class MongoChangeFeed:
             except (PyMongoError, StreamClosed) as exc:
                 await self._back_off(follower, exc)
                 continue
+            except Exception as exc:
+                # A bug or a driver surprise: the stream is resumed from its
+                # token like any interruption, and /readyz says why meanwhile.
+                log.exception("feed_crashed", extra={"stream": follower.label})
+                await self._back_off(follower, exc)
+                continue
             if follower.stopped:
                 return
             follower.healthy = False
@@ -212,7 +234,10 @@ class MongoChangeFeed:
             max_await_time_ms=self._max_await_ms,
         )
         try:
-            follower.healthy = True
+            # PyMongo keeps the opening aggregate's postBatchResumeToken: a stream
+            # that fails before its first event resumes from there, not from now.
+            follower.token = stream.resume_token or follower.token
+            follower.healthy, follower.error = True, None
             follower.opened.set()
             if follower.failures:
                 log.info("feed_resumed", extra={"stream": follower.label})
@@ -247,7 +272,17 @@ class MongoChangeFeed:
             operation = change.get("operationType")
             if operation in ENDING_OPERATIONS:
                 return f"the change stream ended: {operation}"
-            event = event_of(change)
+            try:
+                event = event_of(change)
+            except Exception:
+                # A poison event: retrying it would fail the same way for ever,
+                # and on every process. Its token is already past it.
+                self._poison += 1
+                log.exception(
+                    "feed_event_undecodable",
+                    extra={"stream": follower.label, "token": str(follower.token)},
+                )
+                continue
             if event is not None and not follower.stopped:
                 self._emit(event)
             # try_next() does not yield within a batch; let the writers drain.
@@ -255,6 +290,7 @@ class MongoChangeFeed:
 
     async def _back_off(self, follower: _Follower, exc: Exception) -> None:
         follower.healthy = False
+        follower.error = f"{type(exc).__name__}: {exc}"
         exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
         delay = self._jitter(min(self._backoff_cap, self._backoff_base * 2**exponent))
         follower.failures += 1
