@@ -23,7 +23,7 @@ from tidings.engine.memory import memory_engine
 from tidings.engine.mongo.documents import Document
 from tidings.errors import ConnectionGone, StoreUnavailable
 from tidings.hub import Hub
-from tidings.models import Draft, Message, Outcome, Position, Transition, User
+from tidings.models import Draft, Message, Outcome, Position, StateChanged, Transition, User
 from tidings.protocol import MessageState
 from tidings.recorder import Recorder
 from tidings.session import Session
@@ -179,6 +179,7 @@ class FakeSubscriber:
         self.delivered: list[Message] = []
         self.pushed: list[dict[str, Any]] = []
         self.resyncs = 0
+        self.resynced_since: list[datetime | None] = []
 
     @property
     def conn_id(self) -> str:
@@ -190,8 +191,9 @@ class FakeSubscriber:
     def push(self, frame: dict[str, Any]) -> None:
         self.pushed.append(frame)
 
-    def resync(self) -> None:
+    def resync(self, since: datetime | None) -> None:
         self.resyncs += 1
+        self.resynced_since.append(since)
 
 
 class Principal:
@@ -267,6 +269,10 @@ class FlakyStore:
     async def record(self, transitions: Sequence[Transition]) -> None:
         await self._enter("record")
         await self.inner.record(transitions)
+
+    async def states_since(self, sender: str, since: datetime) -> list[StateChanged]:
+        await self._enter("states_since")
+        return await self.inner.states_since(sender, since)
 
 
 class World:

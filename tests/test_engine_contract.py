@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 
 import pytest
 from pymongo import AsyncMongoClient
@@ -37,6 +38,7 @@ from tidings.models import (
     Stored,
     Transition,
     collection_for,
+    utcnow,
 )
 from tidings.protocol import MessageState
 
@@ -517,6 +519,50 @@ async def test_record_ignores_unknown_messages(store: Store) -> None:
     assert await store.find_inbox(BOB, ["ghost"]) == []
     await store.record([])  # nothing to write is no error either
     assert await state_in_inbox(store, message) is S.SENT
+
+
+# --- states_since -----------------------------------------------------------------------
+
+
+async def next_millisecond() -> datetime:
+    """The first moment after now at the stores' precision: later writes are stamped after it."""
+    now = utcnow()
+    while (later := utcnow()) <= now:  # noqa: ASYNC110 (the clock offers nothing to wait on)
+        await asyncio.sleep(0.001)
+    return later
+
+
+async def test_states_since_answers_the_senders_messages_that_moved_from_then(
+    store: Store,
+) -> None:
+    still, moved, twice = await send_many(store, 3)
+    other = await stored(store, CAROL, BOB, "c0")
+    since = await next_millisecond()
+    await store.record([Transition.of(twice, S.SENT)])
+    await next_millisecond()
+    await store.record([Transition.of(moved, S.DELIVERED), Transition.of(other, S.READ)])
+    await next_millisecond()
+    await store.record([Transition.of(twice, S.READ)])
+    found = await store.states_since(ALICE, since)
+    # Each once, in its current state, in the order of its last move; nothing
+    # of Carol's, nothing that did not move.
+    assert [(c.sender, c.id, c.state) for c in found] == [
+        (ALICE, moved.id, S.DELIVERED),
+        (ALICE, twice.id, S.READ),
+    ]
+    assert all(c.at >= since for c in found)
+    assert still.id not in ids_of(found)
+    # A message stored from then on moved too: to stored.
+    await next_millisecond()
+    new = await stored(store, ALICE, CAROL, "n0")
+    found = await store.states_since(ALICE, since)
+    assert [(c.id, c.state) for c in found][-1] == (new.id, S.STORED)
+    assert await store.states_since(ALICE, await next_millisecond()) == []
+    assert await store.states_since("nobody@example.com", since) == []
+
+
+def ids_of(changes: Sequence[StateChanged]) -> list[str]:
+    return [c.id for c in changes]
 
 
 # --- the memory engine's feed -----------------------------------------------------------

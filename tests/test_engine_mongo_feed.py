@@ -46,7 +46,8 @@ from pymongo.errors import (
 from tests.fakes import ALICE, BOB, CAROL, TIMEOUT
 from tests.fakes import FakeSubscriber as BaseSubscriber
 from tidings.engine.mongo.documents import INBOX, OUTBOX, SCHEMA
-from tidings.engine.mongo.feed import WATCHED_OPERATIONS, MongoChangeFeed
+from tidings.engine.mongo.feed import MongoChangeFeed
+from tidings.engine.mongo.stream import RESYNC_MARGIN, WATCHED_OPERATIONS
 from tidings.hub import Hub
 from tidings.models import (
     FeedEvent,
@@ -361,6 +362,7 @@ def make_feed(
     jitter: Callable[[float], float] | None = None,
     **kwargs: Any,
 ) -> MongoChangeFeed:
+    kwargs.setdefault("clock", lambda: LATEST)
     return MongoChangeFeed(
         db,
         collections,
@@ -874,6 +876,7 @@ async def test_unusable_token_restarts_from_now_then_resyncs(
     assert isinstance(resync, Resync)
     assert resync.email is None  # the database stream: every user
     assert str(code) in resync.reason
+    assert resync.since == LATEST - RESYNC_MARGIN
     assert sink.streams_at[2] == 2  # emitted once the new stream was open
     assert sink.events[3:] == [inserted(3)]
     assert db.streams[0].closes == 1
@@ -1147,10 +1150,26 @@ async def test_collection_scope_ending_event_resyncs_that_user() -> None:
         await monitor.until(lambda: collections.waiting(BOB, 2))
     assert sink.events == [
         inserted(1),
-        Resync("the change stream ended: drop", BOB),
+        Resync("the change stream ended: drop", BOB, LATEST - RESYNC_MARGIN),
         inserted(3),
     ]
     assert sink.streams_at[1] == 2
+
+
+async def test_a_resync_rereads_states_from_the_streams_last_answer_less_a_margin() -> None:
+    monitor = Monitor()
+    db = FakeDatabase(monitor, [Open([insert(1), change(2, "invalidate")]), Open()])
+    sink = Events(monitor)
+    now = [SENT_AT]  # when the feed starts following
+    feed = make_feed(db, FakeCollections(monitor), clock=lambda: now[0])
+    now[0] = LATER  # when the stream answers, up to its end
+    async with feeding(feed, sink):
+        await monitor.until(lambda: db.waiting(2))
+        now[0] = LATEST
+    [resync] = sink.resyncs()
+    # Not from the start (nothing was missed before the stream's last answer),
+    # and early enough for receipts stamped by another process's clock.
+    assert resync.since == LATER - RESYNC_MARGIN
 
 
 # ----------------------------------------------------------------- problem
@@ -1274,8 +1293,8 @@ class Subscriber(BaseSubscriber):
         super().push(frame)
         self._monitor.pulse()
 
-    def resync(self) -> None:
-        super().resync()
+    def resync(self, since: datetime | None) -> None:
+        super().resync(since)
         self._monitor.pulse()
 
 

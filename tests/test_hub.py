@@ -9,6 +9,7 @@ told by e-mail which users have a session here.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 import pytest
 
@@ -230,6 +231,8 @@ def test_a_resync_for_one_user_reaches_that_users_sessions_only() -> None:
     assert (bob1.resyncs, bob2.resyncs, alice.resyncs) == (1, 1, 0)
     hub.dispatch(Resync("history lost", CAROL))  # nobody here
     assert (bob1.resyncs, bob2.resyncs, alice.resyncs) == (1, 1, 0)
+    hub.dispatch(Resync("stream restarted", ALICE, at(5)))
+    assert (bob1.resynced_since, alice.resynced_since) == ([None], [at(5)])
 
 
 # --- re-entrancy ------------------------------------------------------------------------
@@ -239,8 +242,8 @@ def test_a_subscriber_may_detach_while_being_resynced() -> None:
     hub, feed = make()
 
     class Leaving(FakeSubscriber):
-        def resync(self) -> None:
-            super().resync()
+        def resync(self, since: datetime | None) -> None:
+            super().resync(since)
             hub.detach(ALICE, self)
 
     leaving, staying, last = Leaving("c1"), FakeSubscriber("c2"), Leaving("c3")

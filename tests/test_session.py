@@ -483,11 +483,33 @@ async def test_resync_reads_the_backlog_again(
     assert ids([await transport.recv() for _ in range(2)]) == ["m0", "m1"]
     await until(lambda: joins(caplog) == 1)
     reads = world.store.calls.count("backlog")
-    session.resync()
+    session.resync(None)
     again = [await transport.recv() for _ in range(2)]
     # Still undelivered (not acknowledged), so sent again.
     assert ids(again) == [m.id for m in stored]
     assert world.store.calls.count("backlog") == reads + 1
+
+
+async def test_a_resync_with_since_tells_the_sender_the_states_it_may_have_missed(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent = await store_for_bob(world, 2)
+    # Bob reads m1 while no session of Alice's is here to be told (as if the feed
+    # had lost the change): the witness sees the event go by.
+    witness = FakeSubscriber("witness")
+    world.hub.attach(ALICE, witness)
+    await world.store.inner.record([Transition.of(sent[1], MessageState.READ)])
+    await until(lambda: len(witness.pushed) == 1)
+    world.hub.detach(ALICE, witness)
+    session, transport = await identified(world, email=ALICE)
+    await until(lambda: joins(caplog) == 1)
+    session.resync(sent[0].sent_at)
+    frames = await transport.recv_until(lambda f: f.get("state") == "read")
+    assert [(f["id"], f["state"]) for f in frames if f["type"] == "state"] == [
+        ("m0", "stored"),
+        ("m1", "read"),
+    ]
+    assert "states_since" in world.store.calls
 
 
 async def test_resync_before_identification_or_after_close_does_nothing(
@@ -495,7 +517,7 @@ async def test_resync_before_identification_or_after_close_does_nothing(
 ) -> None:
     await store_for_bob(world, 1)
     session, transport = world.session()
-    session.resync()
+    session.resync(None)
     await spin()
     assert "backlog" not in world.store.calls
     user = await world.store.inner.ensure_user(BOB)
@@ -504,7 +526,7 @@ async def test_resync_before_identification_or_after_close_does_nothing(
     await until(lambda: joins(caplog) == 1)
     await session.close(CloseCode.NORMAL, "bye")
     reads = world.store.calls.count("backlog")
-    session.resync()
+    session.resync(None)
     await spin()
     assert world.store.calls.count("backlog") == reads
 

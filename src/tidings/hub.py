@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, Protocol
 
 from tidings.engine import Feed
@@ -25,8 +26,8 @@ class Subscriber(Protocol):
     def push(self, frame: dict[str, Any]) -> None:
         """A frame for this subscriber's user, such as a state change."""
 
-    def resync(self) -> None:
-        """The feed may have missed changes: re-read the backlog."""
+    def resync(self, since: datetime | None) -> None:
+        """The feed may have missed changes: re-read the backlog, and states from ``since``."""
 
 
 class Hub:
@@ -86,4 +87,4 @@ class Hub:
             for email, sessions in list(self._sessions.items()):
                 if event.email in (None, email):
                     for session in list(sessions):
-                        session.resync()
+                        session.resync(event.since)

@@ -176,11 +176,14 @@ class StateChanged:
 class Resync:
     """Feed event: changes may have been missed, so sessions re-read their backlog.
 
-    ``email`` names the one user concerned; ``None`` means every user.
+    ``email`` names the one user concerned; ``None`` means every user. With
+    ``since``, state changes of the users' sent messages from then on may have
+    been missed too, and are read again.
     """
 
     reason: str
     email: str | None = None
+    since: datetime | None = None
 
 
 FeedEvent = Stored | StateChanged | Resync

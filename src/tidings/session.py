@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 from tidings.engine import Presence, Store
@@ -13,6 +14,7 @@ from tidings.errors import CloseCode, StoreUnavailable
 from tidings.hub import Hub
 from tidings.models import Message, Position, User
 from tidings.outbox import Outbox, Transport
+from tidings.protocol import state_frame
 from tidings.recorder import Recorder
 
 log = logging.getLogger("tidings.session")
@@ -165,10 +167,16 @@ class Session:
         if first:
             await self._set_presence(True)
 
-    def resync(self) -> None:
-        """Read the backlog again: the feed may have missed messages."""
+    def resync(self, since: datetime | None) -> None:
+        """Re-read the backlog, and states moved from ``since``: the feed may have missed them."""
         if self.user is not None and not self._outbox.closed:
             self._begin_stream(None)
+            if since is not None:
+                self._spawn(functools.partial(self._restate, self.user.email, since))
+
+    async def _restate(self, email: str, since: datetime) -> None:
+        for change in await self._store.states_since(email, since):
+            self._outbox.push(state_frame(change.id, change.state, change.at))
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""

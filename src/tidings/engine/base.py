@@ -11,9 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
-from tidings.models import Draft, FeedEvent, Message, Outcome, Position, Transition, User
+from tidings.models import (
+    Draft,
+    FeedEvent,
+    Message,
+    Outcome,
+    Position,
+    StateChanged,
+    Transition,
+    User,
+)
 
 Sink = Callable[[FeedEvent], None]
 
@@ -67,6 +77,13 @@ class Store(Protocol):
 
         The inbox moves first and the sender's receipt after it, so a state
         reaches the sender only once it is durable.
+        """
+
+    async def states_since(self, sender: str, since: datetime) -> list[StateChanged]:
+        """The current states of ``sender``'s messages whose state moved at or after ``since``.
+
+        Oldest move first, read through an index: what a feed that lost its
+        place re-reads for the sender.
         """
 
 

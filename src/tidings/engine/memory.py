@@ -107,6 +107,8 @@ class MemoryStore:
         self._inboxes: dict[str, _Inbox] = defaultdict(_Inbox)
         # (sender, id) -> recipient: the sender's side of each message.
         self._receipts: dict[tuple[str, str], str] = {}
+        # sender -> (when, recipient, id) of each state move, in the order made.
+        self._moves: dict[str, list[tuple[datetime, str, str]]] = defaultdict(list)
 
     async def start(self) -> None:
         pass
@@ -147,6 +149,7 @@ class MemoryStore:
         )
         inbox.add(message, now)
         self._receipts[(sender, draft.id)] = draft.recipient
+        self._moves[sender].append((now, draft.recipient, draft.id))
         self._feed.publish(Stored(message))
         self._feed.publish(StateChanged(sender, draft.id, MessageState.STORED, now, conn))
         return Outcome(draft.id, MessageState.STORED, now, message)
@@ -175,6 +178,22 @@ class MemoryStore:
         end = min(len(inbox.log), start + limit - len(found))
         return found + inbox.log[start:end]
 
+    async def states_since(self, sender: str, since: datetime) -> list[StateChanged]:
+        moves = self._moves.get(sender, [])
+        start = bisect.bisect_left(moves, since, key=lambda move: move[0])
+        # A message that moved twice is told once, in the place of its last move.
+        latest: dict[tuple[str, str], None] = {}
+        for _, recipient, mid in reversed(moves[start:]):
+            latest.setdefault((recipient, mid), None)
+        found = []
+        for recipient, mid in reversed(latest):
+            inbox = self._inboxes[recipient]
+            position = inbox.by_key[(sender, mid)]
+            found.append(
+                StateChanged(sender, mid, inbox.get(position).state, inbox.at[position - 1])
+            )
+        return found
+
     async def record(self, transitions: Sequence[Transition]) -> None:
         for transition in transitions:
             self._record_one(transition)
@@ -192,6 +211,7 @@ class MemoryStore:
         inbox.at[position - 1] = now
         if message.state in PENDING and transition.state not in PENDING:
             inbox.left_pending()
+        self._moves[message.sender].append((now, message.recipient, message.id))
         self._feed.publish(StateChanged(message.sender, message.id, transition.state, now))
 
 

@@ -51,7 +51,11 @@ POSITION_INDEX = IndexModel([("seq", ASCENDING)], unique=True, sparse=True, name
 BACKLOG_INDEX = IndexModel(
     [("k", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)], name="stored_order"
 )
-MESSAGE_INDEXES = [SENDER_ID_INDEX, POSITION_INDEX, BACKLOG_INDEX]
+# Receipts by when their state last moved: what a feed that lost its place
+# re-reads for the sender (``moved``, set with every state of a receipt, in
+# milliseconds since the epoch; see ``moved_at``).
+MOVED_INDEX = IndexModel([("k", ASCENDING), ("moved", ASCENDING)], name="receipt_moved")
+MESSAGE_INDEXES = [SENDER_ID_INDEX, POSITION_INDEX, BACKLOG_INDEX, MOVED_INDEX]
 
 PENDING_VALUES = [MessageState.STORED.value, MessageState.SENT.value]
 
@@ -81,8 +85,19 @@ def receipt_doc(sender: str, draft: Draft, conn: str, now: datetime) -> Document
         "to": draft.recipient,
         "sent_at": now,
         "state": MessageState.RECEIVED.value,
+        "moved": moved_at(now),
         "conn": conn,
     }
+
+
+def moved_at(moment: datetime) -> int:
+    """A receipt's ``moved``: milliseconds since the epoch.
+
+    A number rather than a date, because nx-27017 stores a date written with
+    ``$set`` as a string, which its range queries then compare wrongly (see
+    ``compat``); a number compares the same on every server.
+    """
+    return round(moment.timestamp() * 1000)
 
 
 def message_of(doc: Mapping[str, Any]) -> Message:

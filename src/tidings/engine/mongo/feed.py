@@ -13,7 +13,8 @@ error, and ``/readyz`` says 503. An event that cannot be decoded is logged,
 counted and skipped: retried, it would fail the same way for ever.
 When the token is no good any more (history lost, invalidate) the stream starts
 again from now and a ``Resync`` makes the affected sessions re-read their
-backlog from the store, so nothing is lost either.
+backlog from the store, and their sent messages' states from where the stream
+last answered (``Store.states_since``), so nothing is lost either.
 """
 
 from __future__ import annotations
@@ -22,80 +23,27 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Literal
 
 from pymongo.errors import OperationFailure, PyMongoError
 
 from tidings.engine.base import Sink
 from tidings.engine.mongo.documents import event_of
+from tidings.engine.mongo.stream import (
+    ENDING_OPERATIONS,
+    RESTART_CODES,
+    RESYNC_MARGIN,
+    WATCHED_OPERATIONS,
+    ChangeStream,
+    Follower,
+    Watchable,
+)
 from tidings.errors import StreamClosed
-from tidings.models import FeedEvent, Resync, collection_for
+from tidings.models import FeedEvent, Resync, collection_for, utcnow
 
 log = logging.getLogger("tidings.changestream")
-
-# Errors after which a resume token cannot be used again (MongoDB error codes):
-# ChangeStreamFatalError, InvalidResumeToken, ChangeStreamHistoryLost.
-RESTART_CODES = frozenset({280, 260, 286})
-WATCHED_OPERATIONS = ["insert", "update", "replace", "invalidate"]
-ENDING_OPERATIONS = frozenset({"invalidate", "drop", "dropDatabase", "rename"})
-
-
-class ChangeStream(Protocol):
-    """The part of PyMongo's ``AsyncChangeStream`` the feed uses."""
-
-    @property
-    def alive(self) -> bool: ...
-
-    @property
-    def resume_token(self) -> Mapping[str, Any] | None: ...
-
-    async def try_next(self) -> Mapping[str, Any] | None: ...
-
-    async def close(self) -> None: ...
-
-
-class Watchable(Protocol):
-    """A database or collection: what ``watch`` is called on."""
-
-    async def watch(
-        self,
-        pipeline: list[dict[str, Any]],
-        *,
-        full_document: str,
-        resume_after: Mapping[str, Any] | None,
-        max_await_time_ms: int,
-    ) -> ChangeStream: ...
-
-
-@dataclass(eq=False)
-class _Follower:
-    """One stream's task and what sessions wait on before reading their backlog."""
-
-    name: str | None  # the collection, or None for the database stream
-    email: str | None = None  # whose collection it is
-    opened: asyncio.Event = field(default_factory=asyncio.Event)
-    healthy: bool = False
-    task: asyncio.Task[None] | None = None
-    # Where to resume; None starts from now.
-    token: Mapping[str, Any] | None = None
-    # Failed attempts in a row, for the backoff.
-    failures: int = 0
-    # Why the stream restarted from now, until the sessions are told to resync.
-    resync: str | None = None
-    # The last error that stopped the stream, while it is not open: for /readyz.
-    error: str | None = None
-    # Set when no session needs this stream any more. Cancellation alone is not
-    # enough: on Python 3.11 asyncio.wait_for, which PyMongo uses for socket
-    # timeouts, can lose a cancellation that races a completed read, and a
-    # follower that lived on would deliver every change twice.
-    stopped: bool = False
-
-    @property
-    def label(self) -> str:
-        """How logs name this stream."""
-        return self.name or "*"
 
 
 class MongoChangeFeed:
@@ -112,6 +60,7 @@ class MongoChangeFeed:
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         jitter: Callable[[float], float] | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._db = db
         self._collection = collection
@@ -122,12 +71,13 @@ class MongoChangeFeed:
         self._backoff_cap = backoff_cap
         # Full jitter: a uniformly random wait up to the capped exponential one.
         self._jitter = jitter or (lambda ceiling: random.uniform(0, ceiling))  # noqa: S311
+        self._clock = clock
         self._sink: Sink | None = None
-        self._followers: dict[str | None, _Follower] = {}
+        self._followers: dict[str | None, Follower] = {}
         # Every follower task, current or stopping, so that run() ends them all.
         self._tasks: set[asyncio.Task[None]] = set()
         if scope == "database":
-            self._followers[None] = _Follower(None)
+            self._followers[None] = Follower(None, last_answer=clock())
         self._active = False
         self._poison = 0
 
@@ -172,7 +122,7 @@ class MongoChangeFeed:
     def watch(self, email: str) -> None:
         collection = collection_for(email)
         if self._scope == "collection" and collection not in self._followers:
-            follower = _Follower(collection, email)
+            follower = Follower(collection, email, last_answer=self._clock())
             self._followers[collection] = follower
             if self._active:
                 self._start(follower)
@@ -192,13 +142,13 @@ class MongoChangeFeed:
         if follower is not None:
             await follower.opened.wait()
 
-    def _start(self, follower: _Follower) -> None:
+    def _start(self, follower: Follower) -> None:
         task = asyncio.create_task(self._follow(follower), name=f"feed:{follower.label}")
         follower.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _follow(self, follower: _Follower) -> None:
+    async def _follow(self, follower: Follower) -> None:
         target = self._db if follower.name is None else self._collection(follower.name)
         while not follower.stopped:
             try:
@@ -223,9 +173,11 @@ class MongoChangeFeed:
                 return
             follower.healthy = False
             follower.token, follower.resync = None, reason
+            if follower.gap_since is None:  # a restart that failed keeps the first gap
+                follower.gap_since = follower.last_answer - RESYNC_MARGIN
             log.warning("feed_restarted", extra={"stream": follower.label, "reason": reason})
 
-    async def _follow_once(self, target: Watchable, follower: _Follower) -> str:
+    async def _follow_once(self, target: Watchable, follower: Follower) -> str:
         """Open a stream and deliver its changes; why it ended, when it ends for good."""
         stream = await target.watch(
             self._pipeline(follower),
@@ -244,13 +196,13 @@ class MongoChangeFeed:
             follower.failures = 0
             if follower.resync is not None:
                 # Only now, with the new stream open, can a backlog read miss nothing.
-                self._emit(Resync(follower.resync, follower.email))
-                follower.resync = None
+                self._emit(Resync(follower.resync, follower.email, follower.gap_since))
+                follower.resync, follower.gap_since = None, None
             return await self._drain(stream, follower)
         finally:
             await stream.close()
 
-    async def _drain(self, stream: ChangeStream, follower: _Follower) -> str:
+    async def _drain(self, stream: ChangeStream, follower: Follower) -> str:
         """Deliver changes, keeping the resume token, until the stream ends for good."""
         while True:
             if follower.stopped:
@@ -258,6 +210,7 @@ class MongoChangeFeed:
             change = await stream.try_next()
             # Updated after every getMore, idle ones included (postBatchResumeToken).
             follower.token = stream.resume_token or follower.token
+            follower.last_answer = self._clock()
             if change is None:
                 if not stream.alive:
                     # MongoDB closes a change stream only after an invalidate event,
@@ -288,7 +241,7 @@ class MongoChangeFeed:
             # try_next() does not yield within a batch; let the writers drain.
             await asyncio.sleep(0)
 
-    async def _back_off(self, follower: _Follower, exc: Exception) -> None:
+    async def _back_off(self, follower: Follower, exc: Exception) -> None:
         follower.healthy = False
         follower.error = f"{type(exc).__name__}: {exc}"
         exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
@@ -300,7 +253,7 @@ class MongoChangeFeed:
         )
         await asyncio.sleep(delay)
 
-    def _pipeline(self, follower: _Follower) -> list[dict[str, Any]]:
+    def _pipeline(self, follower: Follower) -> list[dict[str, Any]]:
         match: dict[str, Any] = {"operationType": {"$in": WATCHED_OPERATIONS}}
         if follower.name is None:
             match = {

@@ -14,6 +14,7 @@ import asyncio
 import functools
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, UpdateOne
@@ -29,6 +30,7 @@ from tidings.engine.mongo.documents import (
     Document,
     inbox_doc,
     message_of,
+    moved_at,
     receipt_doc,
     state_of,
 )
@@ -41,6 +43,7 @@ from tidings.models import (
     Message,
     Outcome,
     Position,
+    StateChanged,
     Transition,
     User,
     collection_for,
@@ -186,6 +189,13 @@ class MongoStore:
         return [message_of(doc) for doc in docs if "seq" in doc]
 
     @guarded
+    async def states_since(self, sender: str, since: datetime) -> list[StateChanged]:
+        receipts = await self._messages(sender)
+        query = {"k": OUTBOX, "moved": {"$gte": moved_at(since)}, "state": {"$ne": "received"}}
+        cursor = receipts.find(query).sort("moved", ASCENDING)
+        return [StateChanged(doc["from"], doc["mid"], *state_of(doc)) async for doc in cursor]
+
+    @guarded
     async def record(self, transitions: Sequence[Transition]) -> None:
         now = utcnow()
         inboxes: dict[str, list[Transition]] = defaultdict(list)
@@ -253,9 +263,11 @@ def _advance(kind: str, sender: str, message_id: str, state: MessageState, at: A
     receipt not yet moved); an inbox document never is.
     """
     earlier = earlier_than(state)
+    changes = {"state": state.value, f"at.{state.value}": at}
     if kind == OUTBOX:
         earlier = [MessageState.RECEIVED.value, *earlier]
+        changes["moved"] = moved_at(at)  # for states_since
     return UpdateOne(
         {"k": kind, "mid": message_id, "from": sender, "state": {"$in": earlier}},
-        {"$set": {"state": state.value, f"at.{state.value}": at}},
+        {"$set": changes},
     )
