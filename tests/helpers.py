@@ -82,13 +82,16 @@ class Client:
                 if accept(frames[-1]):
                     return frames
 
-    async def nothing_within(self, seconds: float) -> None:
-        """Assert that no frame arrives within ``seconds``."""
-        try:
-            frame = await self.recv(within=seconds)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected no frame, got {frame}")
+    async def next_is(self, sentinel: Callable[[dict[str, Any]], bool], what: str) -> None:
+        """Assert that the next frame is the ``sentinel``, and so that nothing came before it.
+
+        How a test shows that something does not arrive: the sentinel travels
+        the path the unwanted frame would have taken, and is ordered after it
+        (a later message to the same recipient, a later state to the same
+        sender), so a wait cannot pass merely because the machine was slow.
+        """
+        frame = await self.recv()
+        assert sentinel(frame), f"expected {what} next, got {frame}"
 
     async def close_frame(
         self, within: float = TIMEOUT, into: list[dict[str, Any]] | None = None

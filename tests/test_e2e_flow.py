@@ -78,8 +78,11 @@ async def test_a_recipient_reconnecting_mid_stream_gets_every_message_exactly_on
             seen.append(frame["id"])
             await bob.send({"type": "ack", "id": frame["id"]})
         await asyncio.wait_for(all_stored.wait(), TIMEOUT)
-        await bob.nothing_within(0.3)
-    await sender
+        await sender
+        async with client(server) as alice:
+            await alice.identify(ALICE)
+            await alice.send_message(BOB, "last", id="sentinel")
+            await bob.next_is(lambda f: f.get("id") == "sentinel", "the sentinel, no duplicate")
 
     counts = Counter(seen)
     assert [mid for mid, n in counts.items() if n > 1] == []

@@ -163,7 +163,12 @@ async def test_nobody_acks_or_reads_a_message_addressed_to_someone_else(url: str
             await mallory.send({"type": kind, "id": "private", "from": ALICE})
             error = await mallory.recv()
             assert (error["code"], error["ref"]) == ("not_found", "private")
-        await alice.nothing_within(0.3)  # No 'delivered' or 'read' reached Alice.
+        # A later message that Bob acknowledges: Alice hears of it, and of nothing before.
+        await alice.send_message(BOB, "later", id="later")
+        assert (await bob.recv())["id"] == "later"
+        await bob.send({"type": "ack", "id": "later"})
+        frames = await alice.recv_until(lambda f: f.get("state") == "delivered")
+        assert {f["id"] for f in frames} == {"later"}  # no 'delivered' or 'read' of 'private'
 
 
 async def test_user_lookup_returns_only_public_fields(url: str) -> None:
