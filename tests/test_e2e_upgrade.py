@@ -26,27 +26,24 @@ collection is still delivered, with a position after the existing ones.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from bson import ObjectId
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
-from tests.helpers import TIMEOUT, Client, client, free_port
+from tests.helpers import TIMEOUT, Client, client
 from tests.mongo import NxServer
+from tests.processes import server_environment, tidings_serve
 from tidings.models import collection_for
 
 pytestmark = pytest.mark.e2e
@@ -123,82 +120,6 @@ def release_0_1(tmp_path: Path) -> Path:
     )
     assert Path(imported.stdout.decode().strip()) == src / "tidings" / "__init__.py"
     return src
-
-
-def server_environment(pythonpath: Path | None, **settings: str) -> dict[str, str]:
-    """The environment of a ``tidings serve`` process: ``TIDINGS_*`` from ``settings`` only."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("TIDINGS_") and name != "PYTHONPATH"
-    }
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    env.update({f"TIDINGS_{name.upper()}": value for name, value in settings.items()})
-    return env
-
-
-@asynccontextmanager
-async def tidings_serve(
-    uri: str, database: str, workdir: Path, pythonpath: Path | None = None
-) -> AsyncIterator[str]:
-    """``python -m tidings.cli serve`` in a process of its own; its ``ws://`` URL once ready.
-
-    With ``pythonpath``, the ``tidings`` package found there runs instead of
-    the installed one. The process is stopped with SIGTERM and must exit 0.
-    """
-    port = free_port()
-    env = server_environment(
-        pythonpath,
-        dev="1",
-        mongodb_uri=uri,
-        database=database,
-        change_stream_scope="collection",
-        port=str(port),
-        log_level="WARNING",
-        drain_delay="0",  # Nothing balances load here: stop without the wait.
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidings.cli",
-        "serve",
-        env=env,
-        cwd=workdir,  # Not the repository: nothing there may shadow the package.
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = asyncio.ensure_future(process.stderr.read())
-    try:
-        await wait_until_ready(f"http://127.0.0.1:{port}", process)
-        yield f"ws://127.0.0.1:{port}/ws"
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), TIMEOUT)
-        except TimeoutError:
-            process.kill()  # Leave no server behind; the timeout is the failure.
-            await process.wait()
-            raise
-        log = (await asyncio.wait_for(stderr, TIMEOUT)).decode(errors="replace")
-        if process.returncode != 0:
-            print(f"tidings serve exited {process.returncode}:\n{log}", file=sys.stderr)
-    assert process.returncode == 0, f"tidings serve exited {process.returncode}"
-
-
-async def wait_until_ready(base: str, process: asyncio.subprocess.Process) -> None:
-    """Poll ``/readyz`` until it answers 200; fail if the process exits first."""
-    async with httpx.AsyncClient(base_url=base) as http, asyncio.timeout(TIMEOUT * 2):
-        while process.returncode is None:
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"tidings serve exited {process.returncode} before it was ready")
 
 
 async def messages(connection: Client, count: int) -> list[tuple[str, str, str]]:
