@@ -18,7 +18,7 @@ import pytest
 
 from tests.fakes import TIMEOUT, FakeTransport, GoneTransport, message, spin, until
 from tidings.models import Transition
-from tidings.outbox import BURST, Outbox
+from tidings.outbox import BURST, TOLD, Outbox
 from tidings.protocol import MessageState
 
 Frame = dict[str, Any]
@@ -310,6 +310,39 @@ async def test_in_a_burst_received_gives_way_to_stored_and_alone_it_does_not(
         ("b0", "sent"),
         (None, None),
     ]
+
+
+async def test_a_state_behind_one_already_queued_is_dropped_and_a_repeat_is_kept(
+    owner: Owner,
+) -> None:
+    outbox, transport = owner.outbox()
+    outbox.push(state("m1", "delivered"))  # the answer to a resend: the current state
+    outbox.push(state("m1", "sent"))  # the feed, late: behind it
+    outbox.push(state("m1", "received"))  # the next resend's answers
+    outbox.push(state("m1", "delivered"))
+    outbox.push(state("m2", "sent"))  # another message is another story
+    outbox.push(state("m1", "read"))
+    frames = await rest(outbox, transport)
+    assert [(f.get("id"), f.get("state")) for f in frames] == [
+        ("m1", "delivered"),
+        ("m1", "received"),
+        ("m1", "delivered"),
+        ("m2", "sent"),
+        ("m1", "read"),
+        (None, None),
+    ]
+
+
+async def test_an_outbox_remembers_the_states_of_its_most_recent_messages_only(
+    owner: Owner,
+) -> None:
+    outbox, transport = owner.outbox()
+    outbox.push(state("old", "delivered"))
+    for n in range(TOLD):
+        outbox.push(state(f"n{n}", "stored"))
+    outbox.push(state("old", "sent"))  # forgotten, so no longer known to be behind
+    frames = await rest(outbox, transport)
+    assert frames[-2] == state("old", "sent")
 
 
 # --- progress, the watchdog, and flushing -------------------------------------------------

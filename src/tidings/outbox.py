@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tidings.errors import ConnectionGone
 from tidings.models import Message, Transition
-from tidings.protocol import MessageState, encode
+from tidings.protocol import MessageState, advances, encode
 
 # Frames waiting in an outbox from which on a ``received`` gives way to its ``stored``.
 BURST = 16
+
+# Message ids whose furthest state an outbox remembers, to keep states forward.
+TOLD = 1024
 
 # Starts a coroutine function as a task of the outbox's owner, which cancels it on stop.
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], asyncio.Task[None]]
@@ -77,6 +80,7 @@ class Outbox:
         "_record",
         "_room",
         "_sending_since",
+        "_told",
         "_spawn",
         "_transport",
         "_watchdog",
@@ -104,6 +108,8 @@ class Outbox:
         self._on_stuck = on_stuck
         self._queue: deque[_Out] = deque()
         self._queued_states: dict[str, _Out] = {}
+        # The furthest state queued per message id, most recent ids last.
+        self._told: OrderedDict[str, MessageState] = OrderedDict()
         self._writer: asyncio.Task[None] | None = None
         # When the frame being written was handed to the socket; None between frames.
         self._sending_since: float | None = None
@@ -141,8 +147,16 @@ class Outbox:
         _resolve(self._idle)
 
     def push(self, frame: dict[str, Any]) -> None:
-        """Queue a frame that is not a message, such as a reply or a state."""
+        """Queue a frame that is not a message, such as a reply or a state.
+
+        A state behind one already queued for the same message is dropped:
+        states reach a connection by two paths (answers to its own frames,
+        and the feed, which may lag), and the client must see them forward
+        only. A repeated state is kept: it may be the answer to a resend.
+        """
         state_of = frame["id"] if frame["type"] == "state" else None
+        if state_of is not None and self._behind_told(state_of, MessageState(frame["state"])):
+            return
         if state_of is not None and (earlier := self._queued_states.get(state_of)):
             # Only a client that falls behind misses states; others see every one.
             waiting = len(self._queue)
@@ -158,6 +172,19 @@ class Outbox:
         self._append(out)
         if len(self._queue) > self._queue_size * 8:
             self._on_stuck("too many frames waiting to be sent")
+
+    def _behind_told(self, message_id: str, state: MessageState) -> bool:
+        """Whether ``state`` is behind what was queued for the message; else remember it."""
+        if state is MessageState.RECEIVED:
+            return False  # the answer to a frame, a resend's included
+        told = self._told.get(message_id)
+        if told is not None and advances(state, told):
+            return True
+        self._told[message_id] = state
+        self._told.move_to_end(message_id)
+        if len(self._told) > TOLD:
+            self._told.popitem(last=False)
+        return False
 
     def push_message(self, message: Message) -> None:
         """Queue a message, whether or not the queue is full: the caller decides."""
