@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # Passed to `python -m bench`: figures and options, e.g. make bench ARGS="m1 --quick".
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest clean bench
+.PHONY: run test lint typecheck pytest clean bench model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ pytest: $(STAMP)
 ## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+## model: the model-based protocol test for long (300 examples of 40 steps on each store;
+## TIDINGS_MODEL_EXAMPLES and TIDINGS_MODEL_STEPS to change); make test runs a short one
+model: $(STAMP)
+	TIDINGS_MODEL_EXAMPLES=$${TIDINGS_MODEL_EXAMPLES:-300} TIDINGS_MODEL_STEPS=$${TIDINGS_MODEL_STEPS:-40} \
+		$(BIN)/pytest -p no:cacheprovider tests/test_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build src/*.egg-info
