@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,14 +29,29 @@ def server_environment(pythonpath: Path | None, **settings: str) -> dict[str, st
     return env
 
 
+@dataclass
+class Served:
+    """A ``tidings serve`` process started by :func:`serve_process`."""
+
+    url: str
+    process: asyncio.subprocess.Process
+    killed: bool = False
+
+    def kill(self) -> None:
+        """SIGKILL it: no drain, no clean-up, as when a node dies."""
+        self.killed = True
+        self.process.kill()
+
+
 @asynccontextmanager
-async def tidings_serve(
+async def serve_process(
     uri: str, database: str, workdir: Path, pythonpath: Path | None = None
-) -> AsyncIterator[str]:
-    """``python -m tidings.cli serve`` in a process of its own; its ``ws://`` URL once ready.
+) -> AsyncIterator[Served]:
+    """``python -m tidings.cli serve`` in a process of its own, ready.
 
     With ``pythonpath``, the ``tidings`` package found there runs instead of
-    the installed one. The process is stopped with SIGTERM and must exit 0.
+    the installed one. The process is stopped with SIGTERM and must exit 0,
+    unless the test killed it.
     """
     port = free_port()
     env = server_environment(
@@ -59,9 +76,10 @@ async def tidings_serve(
     )
     assert process.stderr is not None
     stderr = asyncio.ensure_future(process.stderr.read())
+    served = Served(f"ws://127.0.0.1:{port}/ws", process)
     try:
         await wait_until_ready(f"http://127.0.0.1:{port}", process)
-        yield f"ws://127.0.0.1:{port}/ws"
+        yield served
     finally:
         if process.returncode is None:
             process.terminate()
@@ -72,9 +90,19 @@ async def tidings_serve(
             await process.wait()
             raise
         log = (await asyncio.wait_for(stderr, TIMEOUT)).decode(errors="replace")
-        if process.returncode != 0:
+        if process.returncode != 0 and not served.killed:
             print(f"tidings serve exited {process.returncode}:\n{log}", file=sys.stderr)
-    assert process.returncode == 0, f"tidings serve exited {process.returncode}"
+    expected = -signal.SIGKILL if served.killed else 0
+    assert process.returncode == expected, f"tidings serve exited {process.returncode}"
+
+
+@asynccontextmanager
+async def tidings_serve(
+    uri: str, database: str, workdir: Path, pythonpath: Path | None = None
+) -> AsyncIterator[str]:
+    """:func:`serve_process`, for tests that need only its ``ws://`` URL."""
+    async with serve_process(uri, database, workdir, pythonpath) as served:
+        yield served.url
 
 
 async def wait_until_ready(base: str, process: asyncio.subprocess.Process) -> None:
