@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # Passed to `python -m bench`: figures and options, e.g. make bench ARGS="m1 --quick".
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest clean bench model
+.PHONY: run test lint typecheck pytest clean bench model soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ pytest: $(STAMP)
 ## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+## soak: steady load and connection churn on nx-27017 for 10 minutes (ARGS="--minutes 30"):
+## nothing lost, RSS and descriptors flat; writes bench/results/soak.json and docs/soak.png
+soak: $(BENCH_STAMP)
+	$(BIN)/python -m bench.soak $(ARGS)
 
 ## model: the model-based protocol test for long (300 examples of 40 steps on each store;
 ## TIDINGS_MODEL_EXAMPLES and TIDINGS_MODEL_STEPS to change); make test runs a short one

@@ -13,10 +13,14 @@ the database by name, and writes them as JSON:
 
 Change-stream aggregates are counted as ``aggregate$changeStream``, apart
 from ordinary aggregates, so that the harness can leave them out.
+
+With ``BENCH_TASKS_FILE`` set, SIGUSR2 writes the number of asyncio tasks
+there (the soak samples it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -74,6 +78,14 @@ def main() -> int:
             _write(Path(f"{target}.snapshot"), {"seq": seq, "counts": dict(counter.counts)})
 
     signal.signal(signal.SIGUSR1, snapshot)
+    tasks_file = os.environ.get("BENCH_TASKS_FILE")
+
+    def count_tasks(signum: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the loop's thread, so the loop is its own.
+        if tasks_file:
+            _write(Path(tasks_file), {"tasks": len(asyncio.all_tasks())})
+
+    signal.signal(signal.SIGUSR2, count_tasks)
     # Imported late, so that nothing of Tidings can create a client before the
     # listener is registered.
     from tidings.cli import main as tidings_main

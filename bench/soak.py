@@ -1,0 +1,269 @@
+"""``make soak``: steady load and connection churn for minutes; nothing lost, nothing growing.
+
+Tidings (through ``bench.server``) on nx-27017, whose store lives outside the
+server process (the embedded store keeps every message in the server's
+memory, so its RSS grows with the messages by design). For ``--minutes``:
+
+- ``--pairs`` senders each send a message every ``1/--rate`` seconds to their
+  recipient, who acknowledges each one;
+- every two seconds one recipient closes its connection and opens a new one
+  (its unacknowledged messages come again in the backlog), and
+  ``--churn`` short connections a second identify and leave.
+
+Every ``--sample`` seconds the server's RSS, open descriptors and asyncio
+tasks are sampled. Pass: every message that reached ``stored`` arrived, none
+twice within one connection, and over the last half of the run RSS and
+descriptors are flat (least-squares slope times the half's length under
+``RSS_GROWTH`` of the mean and ``FD_GROWTH`` descriptors). Writes
+``bench/results/soak.json`` and ``docs/soak.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from bench.proc import rss_kib
+from bench.servers import NxServer, TidingsServer, stop_all
+
+ROOT = Path(__file__).resolve().parents[1]
+RSS_GROWTH = 0.05  # of the mean RSS over the last half
+FD_GROWTH = 5.0
+
+
+@dataclass
+class Tally:
+    """What the clients saw."""
+
+    stored: set[str] = field(default_factory=set)
+    received: set[str] = field(default_factory=set)
+    duplicates: int = 0  # within one connection
+    churned: int = 0
+
+
+async def open_as(url: str, email: str) -> ClientConnection:
+    ws = await connect(url, compression=None, open_timeout=10)
+    await ws.send(orjson.dumps({"type": "#email", "email": email}).decode())
+    while orjson.loads(await ws.recv())["type"] != "#email":
+        pass
+    return ws
+
+
+async def sender(url: str, n: int, rate: float, tally: Tally, stop: asyncio.Event) -> None:
+    ws = await open_as(url, f"s{n}@soak.test")
+    serial = itertools.count()
+
+    async def read() -> None:
+        async for raw in ws:
+            frame = orjson.loads(raw)
+            if frame.get("state") in ("stored", "sent", "delivered", "read"):
+                tally.stored.add(frame["id"])
+
+    reader = asyncio.create_task(read())
+    try:
+        while not stop.is_set():
+            mid = f"s{n}-{next(serial)}"
+            frame = {"type": "message", "to": f"r{n}@soak.test", "content": "soak", "id": mid}
+            await ws.send(orjson.dumps(frame).decode())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1 / rate)
+    finally:
+        await ws.close()
+        reader.cancel()
+
+
+async def recipient(url: str, n: int, tally: Tally, reconnect: asyncio.Event) -> None:
+    while True:
+        ws = await open_as(url, f"r{n}@soak.test")
+        seen: set[str] = set()
+        reconnect.clear()
+        try:
+            while not reconnect.is_set():
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), 0.5)
+                except TimeoutError:
+                    continue
+                frame = orjson.loads(raw)
+                if frame["type"] == "message":
+                    if frame["id"] in seen:
+                        tally.duplicates += 1
+                    seen.add(frame["id"])
+                    tally.received.add(frame["id"])
+                    await ws.send(orjson.dumps({"type": "ack", "id": frame["id"]}).decode())
+        except ConnectionClosed:
+            return
+        finally:
+            await ws.close()
+        tally.churned += 1
+
+
+async def churn(url: str, per_second: int, stop: asyncio.Event) -> None:
+    serial = itertools.count()
+    while not stop.is_set():
+        for _ in range(per_second):
+            ws = await open_as(url, f"c{next(serial) % 500}@soak.test")
+            await ws.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1)
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _read_tasks(path: Path, remove: bool = False) -> int | None:
+    if remove:
+        path.unlink(missing_ok=True)
+        return None
+    return int(orjson.loads(path.read_bytes())["tasks"]) if path.exists() else None
+
+
+async def tasks(server: TidingsServer, path: Path) -> int | None:
+    """The server's asyncio tasks, as ``bench.server`` writes them on SIGUSR2."""
+    await asyncio.to_thread(_read_tasks, path, True)
+    server.signal(signal.SIGUSR2)
+    for _ in range(40):
+        if (count := await asyncio.to_thread(_read_tasks, path)) is not None:
+            return count
+        await asyncio.sleep(0.05)
+    return None
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
+async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    tasks_file = workdir / "tasks.json"
+    os.environ["BENCH_TASKS_FILE"] = str(tasks_file)  # the server's environment is this one's
+    async with NxServer(workdir) as nx, TidingsServer(workdir, nx.uri) as server:
+        stop = asyncio.Event()
+        tally = Tally()
+        reconnects = [asyncio.Event() for _ in range(args.pairs)]
+        # Recipients first, so that every message also arrives live.
+        readers = [
+            asyncio.create_task(recipient(server.url, n, tally, reconnects[n]))
+            for n in range(args.pairs)
+        ]
+        await asyncio.sleep(1)
+        writers = [
+            asyncio.create_task(sender(server.url, n, args.rate, tally, stop))
+            for n in range(args.pairs)
+        ]
+        churner = asyncio.create_task(churn(server.url, args.churn, stop))
+        samples: list[dict[str, float | None]] = []
+        started = time.monotonic()
+        next_churn = started + 2
+        while (elapsed := time.monotonic() - started) < args.minutes * 60:
+            samples.append(
+                {
+                    "t": elapsed,
+                    "rss_kib": rss_kib(server.pid),
+                    "fds": fds(server.pid),
+                    "tasks": await tasks(server, tasks_file),
+                }
+            )
+            while time.monotonic() >= next_churn:
+                reconnects[int(next_churn) % args.pairs].set()
+                next_churn += 2
+            await asyncio.sleep(min(args.sample, max(0.0, next_churn - time.monotonic())))
+        stop.set()
+        await asyncio.gather(*writers, churner)
+        # Everything stored must arrive: wait for the stragglers, bounded.
+        deadline = time.monotonic() + 30
+        while not tally.stored <= tally.received and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return {"samples": samples, "tally": tally}
+
+
+def judge(samples: list[dict[str, Any]], tally: Tally, minutes: float) -> dict[str, Any]:
+    half = [s for s in samples if s["t"] >= minutes * 30]
+    rss = [(s["t"], float(s["rss_kib"])) for s in half if s["rss_kib"] is not None]
+    fd = [(s["t"], float(s["fds"])) for s in half]
+    span = (half[-1]["t"] - half[0]["t"]) if len(half) > 1 else 0.0
+    rss_growth = slope(rss) * span if len(rss) > 1 else 0.0
+    fd_growth = slope(fd) * span if len(fd) > 1 else 0.0
+    mean_rss = statistics.fmean(r for _, r in rss) if rss else 0.0
+    lost = len(tally.stored - tally.received)
+    checks = {
+        "lost": lost == 0,
+        "duplicates in a connection": tally.duplicates == 0,
+        "rss flat": abs(rss_growth) <= RSS_GROWTH * mean_rss,
+        "fds flat": abs(fd_growth) <= FD_GROWTH,
+    }
+    return {
+        "stored": len(tally.stored),
+        "lost": lost,
+        "duplicates_in_a_connection": tally.duplicates,
+        "recipient_reconnects": tally.churned,
+        "last_half_rss_growth_kib": round(rss_growth, 1),
+        "last_half_mean_rss_kib": round(mean_rss, 1),
+        "last_half_fd_growth": round(fd_growth, 2),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def plot(samples: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib  # type: ignore[import-not-found,unused-ignore]
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([s["t"] / 60 for s in samples], [(s["rss_kib"] or 0) / 1024 for s in samples])
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("server RSS (MiB)")
+    ax.set_title("Tidings under steady load and churn (make soak)")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=4.0, help="messages/s per sender")
+    parser.add_argument("--churn", type=int, default=5, help="short connections per second")
+    parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
+        try:
+            run = asyncio.run(soak(args, Path(tmp)))
+        finally:
+            stop_all()
+    verdict = judge(run["samples"], run["tally"], args.minutes)
+    result = {"params": vars(args), "verdict": verdict, "samples": run["samples"]}
+    out = ROOT / "bench" / "results" / "soak.json"
+    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    plot(run["samples"], ROOT / "docs" / "soak.png")
+    print(orjson.dumps(verdict, option=orjson.OPT_INDENT_2).decode())
+    return 0 if verdict["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
