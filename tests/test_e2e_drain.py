@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.helpers import TIMEOUT, client, free_port
+from tests.processes import wait_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -26,40 +27,36 @@ async def test_sigterm_turns_unready_refuses_new_clients_then_closes_with_1012()
     )
     url = f"ws://127.0.0.1:{port}/ws"
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        await wait_until_ready(f"http://127.0.0.1:{port}", process)
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+            client(url) as alice,
+            client(url) as bob,
+        ):
+            await alice.identify("alice@example.com")
+            await bob.identify("bob@example.com")
+            process.send_signal(signal.SIGTERM)
+
+            # Within the drain delay: not ready, new clients refused, old ones served.
             async with asyncio.timeout(TIMEOUT):
                 while True:
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
-            async with client(url) as alice, client(url) as bob:
-                await alice.identify("alice@example.com")
-                await bob.identify("bob@example.com")
-                process.send_signal(signal.SIGTERM)
+                    ready = await http.get("/readyz")
+                    if ready.status_code == 503:
+                        break
+                    await asyncio.sleep(0.02)
+            assert "draining" in ready.json()["reason"]
+            with pytest.raises(InvalidStatus) as refused:
+                async with client(url):
+                    pass
+            assert refused.value.response.status_code == 503
+            await alice.send_message("bob@example.com", "last words", id="last")
+            assert (await bob.recv())["content"] == "last words"
 
-                # Within the drain delay: not ready, new clients refused, old ones served.
-                async with asyncio.timeout(TIMEOUT):
-                    while True:
-                        ready = await http.get("/readyz")
-                        if ready.status_code == 503:
-                            break
-                        await asyncio.sleep(0.02)
-                assert "draining" in ready.json()["reason"]
-                with pytest.raises(InvalidStatus) as refused:
-                    async with client(url):
-                        pass
-                assert refused.value.response.status_code == 503
-                await alice.send_message("bob@example.com", "last words", id="last")
-                assert (await bob.recv())["content"] == "last words"
-
-                # Then every client is told to reconnect elsewhere.
-                for ws in (alice, bob):
-                    close = await ws.close_frame()
-                    assert close.code == 1012
-                    assert "reconnect" in close.reason
+            # Then every client is told to reconnect elsewhere.
+            for ws in (alice, bob):
+                close = await ws.close_frame()
+                assert close.code == 1012
+                assert "reconnect" in close.reason
         assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
     finally:
         if process.returncode is None:
