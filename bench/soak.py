@@ -12,9 +12,11 @@ memory, so its RSS grows with the messages by design). For ``--minutes``:
 
 Every ``--sample`` seconds the server's RSS, open descriptors and asyncio
 tasks are sampled. Pass: every message that reached ``stored`` arrived, none
-twice within one connection, and over the last half of the run RSS and
+twice within one connection, over the last half of the run RSS and
 descriptors are flat (least-squares slope times the half's length under
-``RSS_GROWTH`` of the mean and ``FD_GROWTH`` descriptors). Writes
+``RSS_GROWTH`` of the mean and ``FD_GROWTH`` descriptors), and once every
+client has left, tasks and descriptors are back to what they were before the
+load (what is in flight during the load grows with the database's latency). Writes
 ``bench/results/soak.json`` and ``docs/soak.png``.
 """
 
@@ -126,6 +128,30 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def database_sockets(pid: int, port: int) -> int:
+    """The process's TCP connections to ``port``: the driver's pool, open by design."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def held(server: TidingsServer, nx: NxServer) -> int:
+    """Open descriptors other than the database pool's connections."""
+    return fds(server.pid) - database_sockets(server.pid, nx.port)
+
+
 def _read_tasks(path: Path, remove: bool = False) -> int | None:
     if remove:
         path.unlink(missing_ok=True)
@@ -156,6 +182,11 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tasks_file = workdir / "tasks.json"
     os.environ["BENCH_TASKS_FILE"] = str(tasks_file)  # the server's environment is this one's
     async with NxServer(workdir) as nx, TidingsServer(workdir, nx.uri) as server:
+        before = {
+            "fds": fds(server.pid),
+            "fds_not_database": held(server, nx),
+            "tasks": await tasks(server, tasks_file),
+        }
         stop = asyncio.Event()
         tally = Tally()
         reconnects = [asyncio.Event() for _ in range(args.pairs)]
@@ -195,10 +226,20 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-    return {"samples": samples, "tally": tally}
+        # Once every client is gone, what the load left behind.
+        await asyncio.sleep(args.sample)
+        after = {
+            "fds": fds(server.pid),
+            "fds_not_database": held(server, nx),
+            "tasks": await tasks(server, tasks_file),
+        }
+    return {"samples": samples, "tally": tally, "before": before, "after": after}
 
 
-def judge(samples: list[dict[str, Any]], tally: Tally, minutes: float) -> dict[str, Any]:
+def judge(run: dict[str, Any], minutes: float) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = run["samples"]
+    tally: Tally = run["tally"]
+    before, after = run["before"], run["after"]
     half = [s for s in samples if s["t"] >= minutes * 30]
     rss = [(s["t"], float(s["rss_kib"])) for s in half if s["rss_kib"] is not None]
     fd = [(s["t"], float(s["fds"])) for s in half]
@@ -212,6 +253,9 @@ def judge(samples: list[dict[str, Any]], tally: Tally, minutes: float) -> dict[s
         "duplicates in a connection": tally.duplicates == 0,
         "rss flat": abs(rss_growth) <= RSS_GROWTH * mean_rss,
         "fds flat": abs(fd_growth) <= FD_GROWTH,
+        "tasks back once the clients left": (after["tasks"] or 0) <= (before["tasks"] or 0),
+        # The driver keeps the connections its pool opened under load.
+        "fds back once the clients left": after["fds_not_database"] <= before["fds_not_database"],
     }
     return {
         "stored": len(tally.stored),
@@ -221,6 +265,8 @@ def judge(samples: list[dict[str, Any]], tally: Tally, minutes: float) -> dict[s
         "last_half_rss_growth_kib": round(rss_growth, 1),
         "last_half_mean_rss_kib": round(mean_rss, 1),
         "last_half_fd_growth": round(fd_growth, 2),
+        "before_load": before,
+        "after_load": after,
         "checks": checks,
         "passed": all(checks.values()),
     }
@@ -256,7 +302,7 @@ def main() -> int:
             run = asyncio.run(soak(args, Path(tmp)))
         finally:
             stop_all()
-    verdict = judge(run["samples"], run["tally"], args.minutes)
+    verdict = judge(run, args.minutes)
     result = {"params": vars(args), "verdict": verdict, "samples": run["samples"]}
     out = ROOT / "bench" / "results" / "soak.json"
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
