@@ -46,6 +46,7 @@ from bench.servers import NxServer, TidingsServer, stop_all
 ROOT = Path(__file__).resolve().parents[1]
 RSS_GROWTH = 0.05  # of the mean RSS over the last half
 FD_GROWTH = 5.0
+SETTLE = 120.0  # seconds after the load for what was in flight to finish
 
 
 @dataclass
@@ -226,13 +227,23 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        # Once every client is gone, what the load left behind.
-        await asyncio.sleep(args.sample)
-        after = {
-            "fds": fds(server.pid),
-            "fds_not_database": held(server, nx),
-            "tasks": await tasks(server, tasks_file),
-        }
+        # Once every client is gone, what the load left behind: work still in
+        # flight (writes queued behind a database that slowed) may take a while
+        # to finish; what is still there after SETTLE seconds is not in flight.
+        left = time.monotonic()
+        while True:
+            after: dict[str, Any] = {
+                "fds": fds(server.pid),
+                "fds_not_database": held(server, nx),
+                "tasks": await tasks(server, tasks_file),
+            }
+            settled = (after["tasks"] or 0) <= (before["tasks"] or 0) and (
+                after["fds_not_database"] <= before["fds_not_database"]
+            )
+            if settled or time.monotonic() - left > SETTLE:
+                break
+            await asyncio.sleep(1)
+        after["seconds_after_the_clients_left"] = round(time.monotonic() - left, 1)
     return {"samples": samples, "tally": tally, "before": before, "after": after}
 
 
