@@ -11,13 +11,21 @@ from typing import Any, Protocol
 
 from tidings.errors import ConnectionGone
 from tidings.models import Message, Transition
-from tidings.protocol import MessageState, advances, encode
+from tidings.protocol import MessageState, encode
 
 # Frames waiting in an outbox from which on a ``received`` gives way to its ``stored``.
 BURST = 16
 
 # Message ids whose furthest state an outbox remembers, to keep states forward.
 TOLD = 1024
+# The recorded states in their order, by the value a state frame carries: the
+# path of every state frame, so no enum is made for it.
+_RECORDED = {
+    state.value: rank
+    for rank, state in enumerate(
+        [MessageState.STORED, MessageState.SENT, MessageState.DELIVERED, MessageState.READ]
+    )
+}
 
 # Starts a coroutine function as a task of the outbox's owner, which cancels it on stop.
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], asyncio.Task[None]]
@@ -109,7 +117,7 @@ class Outbox:
         self._queue: deque[_Out] = deque()
         self._queued_states: dict[str, _Out] = {}
         # The furthest state queued per message id, most recent ids last.
-        self._told: OrderedDict[str, MessageState] = OrderedDict()
+        self._told: OrderedDict[str, int] = OrderedDict()
         self._writer: asyncio.Task[None] | None = None
         # When the frame being written was handed to the socket; None between frames.
         self._sending_since: float | None = None
@@ -155,7 +163,7 @@ class Outbox:
         only. A repeated state is kept: it may be the answer to a resend.
         """
         state_of = frame["id"] if frame["type"] == "state" else None
-        if state_of is not None and self._behind_told(state_of, MessageState(frame["state"])):
+        if state_of is not None and self._behind_told(state_of, frame["state"]):
             return
         if state_of is not None and (earlier := self._queued_states.get(state_of)):
             # Only a client that falls behind misses states; others see every one.
@@ -173,14 +181,16 @@ class Outbox:
         if len(self._queue) > self._queue_size * 8:
             self._on_stuck("too many frames waiting to be sent")
 
-    def _behind_told(self, message_id: str, state: MessageState) -> bool:
+    def _behind_told(self, message_id: str, state: str) -> bool:
         """Whether ``state`` is behind what was queued for the message; else remember it."""
-        if state is MessageState.RECEIVED:
-            return False  # the answer to a frame, a resend's included
+        # received (the answer to a frame, a resend's included) and failed are never behind.
+        rank = _RECORDED.get(state)
+        if rank is None:
+            return False
         told = self._told.get(message_id)
-        if told is not None and advances(state, told):
+        if told is not None and told > rank:
             return True
-        self._told[message_id] = state
+        self._told[message_id] = rank
         self._told.move_to_end(message_id)
         if len(self._told) > TOLD:
             self._told.popitem(last=False)
