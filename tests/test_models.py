@@ -121,6 +121,10 @@ def test_messages_are_values() -> None:
     # Immutable to mypy (``record``), which `make test` runs over src and tests;
     # a changed copy is made with ``dataclasses.replace``.
     assert dataclasses.replace(message(), state=MessageState.READ).state is MessageState.READ
+    # moved_to is that replace, built directly.
+    assert message().moved_to(MessageState.READ) == dataclasses.replace(
+        message(), state=MessageState.READ
+    )
 
 
 # --- Transition -------------------------------------------------------------------------

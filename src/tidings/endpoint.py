@@ -229,9 +229,13 @@ def _parse(bucket: TokenBucket, settings: Settings, raw: Raw) -> ClientFrame:
     return parse_frame(raw, settings.max_json_depth)
 
 
+# A tuple, not ``SendFrame | AckFrame``: the union would be built for every frame.
+_BATCHED = (SendFrame, AckFrame)
+
+
 def _batches(frame: ClientFrame) -> bool:
     """Whether consecutive frames of this kind are handled together."""
-    return isinstance(frame, SendFrame | AckFrame)
+    return isinstance(frame, _BATCHED)
 
 
 def _ref(frame: ClientFrame) -> str:

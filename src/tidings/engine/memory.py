@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from tidings.engine.base import Engine, Sink
@@ -207,7 +207,7 @@ class MemoryStore:
         if not advances(message.state, transition.state):
             return
         now = utcnow()
-        inbox.log[position - 1] = replace(message, state=transition.state)
+        inbox.log[position - 1] = message.moved_to(transition.state)
         inbox.at[position - 1] = now
         if message.state in PENDING and transition.state not in PENDING:
             inbox.left_pending()
