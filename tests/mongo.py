@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
@@ -107,3 +109,35 @@ class NxServer:
                 self._process.kill()
                 self._process.wait(TIMEOUT)
         self._process = None
+
+
+def change_event(
+    operation: str,
+    *,
+    token: dict[str, Any],
+    collection: str,
+    doc_id: Any,
+    full: Mapping[str, Any] | None = None,
+    updated: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A change event as MongoDB documents it."""
+    event: dict[str, Any] = {
+        "_id": token,
+        "operationType": operation,
+        "ns": {"db": "tidings", "coll": collection},
+        "documentKey": {"_id": doc_id},
+    }
+    if full is not None:
+        event["fullDocument"] = full
+    if operation == "update":
+        event["updateDescription"] = {
+            "updatedFields": dict(updated or {}),
+            "removedFields": [],
+            "truncatedArrays": [],
+        }
+    return event
+
+
+def nx_oid(hex_id: str) -> dict[str, Any]:
+    """An ObjectId as nx-27017 encodes it in change-stream documents."""
+    return {"__neosqlite_objectid__": True, "id": hex_id}

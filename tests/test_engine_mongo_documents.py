@@ -16,6 +16,7 @@ import pytest
 from bson import ObjectId
 
 from tests.fakes import ALICE, BOB, at
+from tests.mongo import change_event, nx_oid
 from tidings.engine.mongo.compat import as_datetime, typed
 from tidings.engine.mongo.documents import (
     INBOX,
@@ -67,25 +68,14 @@ def change(
     owner: str = BOB,
 ) -> dict[str, Any]:
     """A change event as MongoDB documents it, in ``owner``'s collection."""
-    event: dict[str, Any] = {
-        "_id": {"_data": "00000001"},
-        "operationType": operation,
-        "ns": {"db": "tidings", "coll": collection_for(owner)},
-        "documentKey": {"_id": OID},
-    }
-    if full is not None:
-        event["fullDocument"] = full
-    if operation == "update":
-        event["updateDescription"] = {
-            "updatedFields": dict(updated or {}),
-            "removedFields": [],
-            "truncatedArrays": [],
-        }
-    return event
-
-
-def nx_oid(hex_id: str) -> dict[str, Any]:
-    return {"__neosqlite_objectid__": True, "id": hex_id}
+    return change_event(
+        operation,
+        token={"_data": "00000001"},
+        collection=collection_for(owner),
+        doc_id=OID,
+        full=full,
+        updated=updated,
+    )
 
 
 # ------------------------------------------------------------------- inbox inserts

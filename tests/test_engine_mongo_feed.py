@@ -45,6 +45,7 @@ from pymongo.errors import (
 
 from tests.fakes import ALICE, BOB, CAROL, TIMEOUT
 from tests.fakes import FakeSubscriber as BaseSubscriber
+from tests.mongo import change_event, nx_oid
 from tidings.engine.mongo.documents import INBOX, OUTBOX, SCHEMA
 from tidings.engine.mongo.feed import MongoChangeFeed
 from tidings.engine.mongo.stream import RESYNC_MARGIN, WATCHED_OPERATIONS
@@ -431,21 +432,14 @@ def change(
     updated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A change event as MongoDB documents it; in Bob's collection unless told."""
-    event: dict[str, Any] = {
-        "_id": tok(n),
-        "operationType": operation,
-        "ns": {"db": "tidings", "coll": collection or coll(BOB)},
-        "documentKey": {"_id": ObjectId(f"{n:024x}")},
-    }
-    if full is not None:
-        event["fullDocument"] = full
-    if operation == "update":
-        event["updateDescription"] = {
-            "updatedFields": dict(updated or {}),
-            "removedFields": [],
-            "truncatedArrays": [],
-        }
-    return event
+    return change_event(
+        operation,
+        token=tok(n),
+        collection=collection or coll(BOB),
+        doc_id=ObjectId(f"{n:024x}"),
+        full=full,
+        updated=updated,
+    )
 
 
 def insert(n: int, to: str = BOB) -> dict[str, Any]:
@@ -1274,10 +1268,6 @@ async def test_a_failing_sink_does_not_stop_the_feed(caplog: pytest.LogCaptureFi
 # ------------------------------------------------------------------ through the hub
 
 
-def nx(hex_id: str) -> dict[str, Any]:
-    return {"__neosqlite_objectid__": True, "id": hex_id}
-
-
 class Subscriber(BaseSubscriber):
     """The fakes' subscriber, waking the monitor on every call."""
 
@@ -1305,7 +1295,7 @@ async def test_hub_delivers_stored_messages_states_and_resyncs(
     monitor = Monitor()
     bob_coll, carol_coll = coll(BOB), coll(CAROL)
     message = {  # as nx-27017 sends it
-        "_id": nx(str(OID)),
+        "_id": nx_oid(str(OID)),
         "v": SCHEMA,
         "k": INBOX,
         "seq": 7,
@@ -1318,7 +1308,7 @@ async def test_hub_delivers_stored_messages_states_and_resyncs(
         "at": {"stored": {"$date": "2026-11-26T23:20:58.770000"}},
     }
     receipt = {  # Bob's message to Carol was delivered
-        "_id": nx("0" * 24),
+        "_id": nx_oid("0" * 24),
         "v": SCHEMA,
         "k": OUTBOX,
         "mid": "to-carol",
