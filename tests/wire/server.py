@@ -48,6 +48,8 @@ class WireMongo:
         self.oplog = self.crud.oplog
         self.faults: list[Fault] = []
         self.commands: list[str] = []  # every command name received, in order
+        # The $changeStream options of every change-stream aggregate received, in order.
+        self.watches: list[dict[str, Any]] = []
         self.getmores = 0  # change-stream getMores received
         self.parked = 0  # change-stream getMores waiting right now
         self._released = asyncio.Event()
@@ -205,6 +207,8 @@ class WireMongo:
         return None
 
     async def _watch(self, command: Mapping[str, Any], writer: Any) -> Reply | None:
+        self.watches.append(dict(command["pipeline"][0]["$changeStream"]))
+        self.oplog.notify()
         fault = self._fault("aggregate")
         if fault is not None:
             return self._inflict(fault, writer)
