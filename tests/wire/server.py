@@ -51,7 +51,8 @@ class WireMongo:
         # The $changeStream options of every change-stream aggregate received, in order.
         self.watches: list[dict[str, Any]] = []
         self.getmores = 0  # change-stream getMores received
-        self.parked = 0  # change-stream getMores waiting right now
+        self.parked = 0  # change-stream getMores waiting right now, for events or a release
+        self.held = 0  # those of them held by ``hold()``
         self._released = asyncio.Event()
         self._released.set()
         self._server: asyncio.Server | None = None
@@ -227,7 +228,13 @@ class WireMongo:
         self.parked += 1
         self.oplog.notify()
         try:
-            await self._released.wait()
+            if not self._released.is_set():
+                self.held += 1
+                self.oplog.notify()
+                try:
+                    await self._released.wait()
+                finally:
+                    self.held -= 1
             fault = self._fault("getMore")
             if fault is not None:
                 self.oplog.cursors.pop(cursor.id, None)  # A failed getMore kills its cursor.
