@@ -31,11 +31,12 @@ def server_environment(pythonpath: Path | None, **settings: str) -> dict[str, st
 
 @dataclass
 class Served:
-    """A ``tidings serve`` process started by :func:`serve_process`."""
+    """A ``tidings serve`` process started by :func:`serving`."""
 
     url: str
     process: asyncio.subprocess.Process
     killed: bool = False
+    log: str = ""  # its standard error, once it has exited
 
     def kill(self) -> None:
         """SIGKILL it: no drain, no clean-up, as when a node dies."""
@@ -47,23 +48,36 @@ class Served:
 async def serve_process(
     uri: str, database: str, workdir: Path, pythonpath: Path | None = None
 ) -> AsyncIterator[Served]:
-    """``python -m tidings.cli serve`` in a process of its own, ready.
+    """:func:`serving` in dev mode on the MongoDB at ``uri`` (``collection`` scope, as
+    nx-27017 needs)."""
+    async with serving(
+        workdir,
+        pythonpath,
+        dev="1",
+        mongodb_uri=uri,
+        database=database,
+        change_stream_scope="collection",
+    ) as served:
+        yield served
+
+
+@asynccontextmanager
+async def serving(
+    workdir: Path, pythonpath: Path | None = None, **settings: str
+) -> AsyncIterator[Served]:
+    """``python -m tidings.cli serve`` in a process of its own, ready, with ``settings``.
 
     With ``pythonpath``, the ``tidings`` package found there runs instead of
     the installed one. The process is stopped with SIGTERM and must exit 0,
     unless the test killed it.
     """
     port = free_port()
-    env = server_environment(
-        pythonpath,
-        dev="1",
-        mongodb_uri=uri,
-        database=database,
-        change_stream_scope="collection",
-        port=str(port),
-        log_level="WARNING",
-        drain_delay="0",  # Nothing balances load here: stop without the wait.
-    )
+    defaults = {
+        "port": str(port),
+        "log_level": "WARNING",
+        "drain_delay": "0",  # Nothing balances load here: stop without the wait.
+    }
+    env = server_environment(pythonpath, **{**defaults, **settings})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -89,9 +103,9 @@ async def serve_process(
             process.kill()  # Leave no server behind; the timeout is the failure.
             await process.wait()
             raise
-        log = (await asyncio.wait_for(stderr, TIMEOUT)).decode(errors="replace")
+        served.log = (await asyncio.wait_for(stderr, TIMEOUT)).decode(errors="replace")
         if process.returncode != 0 and not served.killed:
-            print(f"tidings serve exited {process.returncode}:\n{log}", file=sys.stderr)
+            print(f"tidings serve exited {process.returncode}:\n{served.log}", file=sys.stderr)
     expected = -signal.SIGKILL if served.killed else 0
     assert process.returncode == expected, f"tidings serve exited {process.returncode}"
 

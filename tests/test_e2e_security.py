@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import jwt
@@ -14,7 +12,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from tests.helpers import TIMEOUT, client, free_port, serve
+from tests.helpers import client, serve
+from tests.processes import serving
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -270,44 +269,22 @@ async def test_deeply_nested_frames_are_invalid(url: str) -> None:
 # --- secrets stay out of logs ----------------------------------------------------------
 
 
-async def test_tokens_never_reach_the_logs() -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-    env.update(
-        TIDINGS_JWT_SECRET=SECRET,
-        TIDINGS_JWT_ISSUER=ISSUER,
-        TIDINGS_JWT_AUDIENCE=AUDIENCE,
-        TIDINGS_PORT=str(port),
-        TIDINGS_LOG_LEVEL="DEBUG",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidings.cli",
-        "serve",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    url = f"ws://127.0.0.1:{port}/ws"
+async def test_tokens_never_reach_the_logs(tmp_path: Path) -> None:
     good, bad = token(ALICE), token(ALICE, exp=1)
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                try:
-                    async with client(f"{url}?access_token={good}") as ws:
-                        await ws.identify(ALICE)
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
-        assert await refused(url, **with_token(bad)) == 403
-        offered = [cast(Subprotocol, f"bearer.{good}")]
-        async with client(url, subprotocols=offered) as ws:
+    async with serving(
+        tmp_path,
+        jwt_secret=SECRET,
+        jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
+        log_level="DEBUG",
+    ) as served:
+        async with client(f"{served.url}?access_token={good}") as ws:
             await ws.identify(ALICE)
-    finally:
-        process.terminate()
-        _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT)
-    logs = stderr.decode()
-    assert "handshake_refused" in logs
-    assert "connection_opened" in logs
+        assert await refused(served.url, **with_token(bad)) == 403
+        offered = [cast(Subprotocol, f"bearer.{good}")]
+        async with client(served.url, subprotocols=offered) as ws:
+            await ws.identify(ALICE)
+    assert "handshake_refused" in served.log
+    assert "connection_opened" in served.log
     for secret in (good, bad, SECRET):
-        assert secret not in logs
+        assert secret not in served.log
