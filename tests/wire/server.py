@@ -13,7 +13,7 @@ from typing import Any, Literal
 from bson import ObjectId
 
 from tests.helpers import TIMEOUT
-from tests.wire.changes import Oplog
+from tests.wire.changes import Cursor, Oplog
 from tests.wire.codec import Request, encode_reply, read_request
 from tests.wire.commands import Crud, Reply
 from tests.wire.errors import CommandError
@@ -105,6 +105,7 @@ class WireMongo:
     def hold(self) -> None:
         """Change-stream getMores wait, answering nothing, until ``release``."""
         self._released.clear()
+        self.oplog.notify()
 
     def release(self) -> None:
         """Let held getMores answer: with a fault if one is armed, else with events."""
@@ -228,6 +229,16 @@ class WireMongo:
         self.parked += 1
         self.oplog.notify()
         try:
+            return await self._next_batch(cursor, Oplog.await_ms(command) / 1000, writer)
+        except CommandError:
+            self.oplog.cursors.pop(cursor.id, None)  # A failed getMore kills its cursor.
+            raise
+        finally:
+            self.parked -= 1
+            self.oplog.notify()
+
+    async def _next_batch(self, cursor: Cursor, wait: float, writer: Any) -> Reply | None:
+        while True:
             if not self._released.is_set():
                 self.held += 1
                 self.oplog.notify()
@@ -237,26 +248,24 @@ class WireMongo:
                     self.held -= 1
             fault = self._fault("getMore")
             if fault is not None:
-                self.oplog.cursors.pop(cursor.id, None)  # A failed getMore kills its cursor.
+                self.oplog.cursors.pop(cursor.id, None)
                 return self._inflict(fault, writer)
             events, pbrt = self.oplog.batch(cursor)
             if not events:
                 end = self.oplog.end
 
-                def woken() -> bool:
-                    return self.oplog.end != end or cursor.id not in self.oplog.cursors
+                def woken(end: int = end) -> bool:
+                    # A hold() reaches a getMore already waiting too: it has not answered yet.
+                    gone = cursor.id not in self.oplog.cursors
+                    return self.oplog.end != end or gone or not self._released.is_set()
 
-                await self.oplog.until(woken, Oplog.await_ms(command) / 1000)
+                await self.oplog.until(woken, wait)
+                if not self._released.is_set():
+                    continue
                 events, pbrt = self.oplog.batch(cursor)
-        except CommandError:
-            self.oplog.cursors.pop(cursor.id, None)
-            raise
-        finally:
-            self.parked -= 1
-            self.oplog.notify()
-        if cursor.id not in self.oplog.cursors and not cursor.invalidated:
-            raise CommandError(237, f"cursor {cursor.id} was killed")
-        return self.oplog.reply(cursor, events, pbrt, first=False)
+            if cursor.id not in self.oplog.cursors and not cursor.invalidated:
+                raise CommandError(237, f"cursor {cursor.id} was killed")
+            return self.oplog.reply(cursor, events, pbrt, first=False)
 
     def _inflict(self, fault: Fault, writer: Any) -> Reply | None:
         if fault.disconnect:
