@@ -112,6 +112,8 @@ class Proxy:
         async with asyncio.timeout(TIMEOUT):
             while self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each connection's task closes both its sockets before it ends.
+        assert not self._links, f"{len(self._links)} proxied connections outlived the proxy"
         if self._errors and exc is None:
             raise self._errors[0]
 
