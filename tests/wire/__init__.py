@@ -45,8 +45,13 @@ change-stream stages other than ``$match``, ``fullDocumentBeforeChange``,
 (a failed getMore simply kills its cursor). Where it may differ from MongoDB:
 ``updatedFields`` comes from a diff of the document before and after the
 write, not from the oplog entry (the same for ``$set``/``$unset``, which is
-all Tidings writes); resume tokens are this fake's own; an idle stream's
-high-water mark is the position of the last write, whatever its namespace.
+all Tidings writes); resume tokens are this fake's own, and one it cannot
+parse is answered 260 (MongoDB's code for a malformed token was not checked);
+an idle stream's high-water mark is the position of the last write, whatever
+its namespace; the opening aggregate returns the events already there in
+``firstBatch`` (the driver handles both); an injected getMore error kills
+the cursor. PyMongo itself does not refuse ``watch`` on a standalone (tried:
+only the server does, with 40573), so the fake answers as a replica set.
 """
 
 from __future__ import annotations
