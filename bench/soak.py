@@ -5,7 +5,11 @@ server process (the embedded store keeps every message in the server's
 memory, so its RSS grows with the messages by design). For ``--minutes``:
 
 - ``--pairs`` senders each send a message every ``1/--rate`` seconds to their
-  recipient, who acknowledges each one;
+  recipient, who acknowledges each one; a send answered ``unavailable`` or cut
+  with its connection is sent again with the same id, as a client must;
+- every ``--rotate`` seconds each pair moves to new addresses (the old
+  recipient stays until it has everything), so that users come and go and no
+  collection grows through the run;
 - every two seconds one recipient closes its connection and opens a new one
   (its unacknowledged messages come again in the backlog), and
   ``--churn`` short connections a second identify and leave.
@@ -47,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RSS_GROWTH = 0.05  # of the mean RSS over the last half
 FD_GROWTH = 5.0
 SETTLE = 120.0  # seconds after the load for what was in flight to finish
+DRAIN = 60.0  # seconds a generation has to get its last messages stored and delivered
 
 
 @dataclass
@@ -56,7 +61,10 @@ class Tally:
     stored: set[str] = field(default_factory=set)
     received: set[str] = field(default_factory=set)
     duplicates: int = 0  # within one connection
-    churned: int = 0
+    churned: int = 0  # recipient reconnections
+    resent: int = 0  # sends answered ``unavailable`` or cut, sent again with the same id
+    generations: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)  # other than ``unavailable``
 
 
 async def open_as(url: str, email: str) -> ClientConnection:
@@ -67,60 +75,158 @@ async def open_as(url: str, email: str) -> ClientConnection:
     return ws
 
 
-async def sender(url: str, n: int, rate: float, tally: Tally, stop: asyncio.Event) -> None:
-    ws = await open_as(url, f"s{n}@soak.test")
-    serial = itertools.count()
+class Pair:
+    """One sender and its recipient for one generation of addresses.
 
-    async def read() -> None:
-        async for raw in ws:
-            frame = orjson.loads(raw)
-            if frame.get("state") in ("stored", "sent", "delivered", "read"):
-                tally.stored.add(frame["id"])
+    Addresses change every ``--rotate`` seconds, so that no collection grows
+    through the run: nx-27017 scans a collection on every update, and a soak
+    that slows the database down with the length of the run measures
+    nx-27017, not Tidings. Users that come and go are also what a long run
+    must not accumulate.
+    """
 
-    reader = asyncio.create_task(read())
-    try:
-        while not stop.is_set():
-            mid = f"s{n}-{next(serial)}"
-            frame = {"type": "message", "to": f"r{n}@soak.test", "content": "soak", "id": mid}
-            await ws.send(orjson.dumps(frame).decode())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1 / rate)
-    finally:
-        await ws.close()
-        reader.cancel()
+    def __init__(self, url: str, n: int, generation: int, tally: Tally) -> None:
+        self.url = url
+        self.sender = f"s{n}.{generation}@soak.test"
+        self.recipient = f"r{n}.{generation}@soak.test"
+        self.prefix = f"s{n}g{generation}-"  # ids allow no dot
+        self.tally = tally
+        self.pending: dict[str, bytes] = {}  # sent, not yet seen stored
+        self.stored: set[str] = set()
+        self.received: set[str] = set()
 
+    async def send(self, rate: float, until: float, stop: asyncio.Event) -> None:
+        """Send every ``1/rate`` s until ``until``; resend what was not answered ``stored``.
 
-async def recipient(url: str, n: int, tally: Tally, reconnect: asyncio.Event) -> None:
-    while True:
-        ws = await open_as(url, f"r{n}@soak.test")
-        seen: set[str] = set()
-        reconnect.clear()
-        try:
-            while not reconnect.is_set():
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), 0.5)
-                except TimeoutError:
-                    continue
+        A send answered ``unavailable`` (outcome unknown) or caught by a closed
+        connection is sent again with the same id, as a client must.
+        """
+        serial = itertools.count()
+        deadline = until + DRAIN  # what is pending then was never stored: not counted
+
+        def sending() -> bool:
+            return not stop.is_set() and time.monotonic() < until
+
+        def going() -> bool:
+            return sending() or (bool(self.pending) and time.monotonic() < deadline)
+
+        while going():
+            try:
+                ws = await open_as(self.url, self.sender)
+            except (ConnectionClosed, OSError, TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            resend = asyncio.Queue[str]()
+            for mid in self.pending:
+                resend.put_nowait(mid)
+            reader = asyncio.create_task(self._read_states(ws, resend))
+            try:
+                # Until the connection ends (then reconnect and resend) or all is done.
+                while not reader.done() and going():
+                    while not resend.empty():
+                        mid = resend.get_nowait()
+                        if mid in self.pending:
+                            self.tally.resent += 1
+                            await ws.send(self.pending[mid].decode())
+                    if sending():
+                        mid = f"{self.prefix}{next(serial)}"
+                        frame = {"type": "message", "to": self.recipient, "content": "soak"}
+                        self.pending[mid] = orjson.dumps({**frame, "id": mid})
+                        await ws.send(self.pending[mid].decode())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(reader), 1 / rate)
+            except ConnectionClosed:
+                pass
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                await ws.close()
+
+    async def _read_states(self, ws: ClientConnection, resend: asyncio.Queue[str]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
                 frame = orjson.loads(raw)
-                if frame["type"] == "message":
-                    if frame["id"] in seen:
-                        tally.duplicates += 1
-                    seen.add(frame["id"])
-                    tally.received.add(frame["id"])
-                    await ws.send(orjson.dumps({"type": "ack", "id": frame["id"]}).decode())
-        except ConnectionClosed:
-            return
-        finally:
-            await ws.close()
-        tally.churned += 1
+                mid = frame.get("id") or frame.get("ref")
+                if frame.get("state") in ("stored", "sent", "delivered", "read"):
+                    self.pending.pop(mid, None)
+                    self.stored.add(mid)
+                    self.tally.stored.add(mid)
+                elif frame["type"] == "error" and frame.get("code") == "unavailable":
+                    resend.put_nowait(mid)
+                elif frame["type"] == "error":
+                    self.tally.errors.append(frame)
+
+    async def receive(self, sent: asyncio.Event, reconnect: asyncio.Event) -> None:
+        """Read and acknowledge, reconnecting when told to or cut, until all stored came."""
+        while not (sent.is_set() and self.stored <= self.received):
+            seen: set[str] = set()
+            try:
+                ws = await open_as(self.url, self.recipient)
+            except (ConnectionClosed, OSError, TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            reconnect.clear()
+            try:
+                while not reconnect.is_set() and not (
+                    sent.is_set() and self.stored <= self.received
+                ):
+                    try:
+                        raw = await asyncio.wait_for(ws.recv(), 0.5)
+                    except TimeoutError:
+                        continue
+                    frame = orjson.loads(raw)
+                    if frame["type"] == "message":
+                        if frame["id"] in seen:
+                            self.tally.duplicates += 1
+                        seen.add(frame["id"])
+                        self.received.add(frame["id"])
+                        self.tally.received.add(frame["id"])
+                        await ws.send(orjson.dumps({"type": "ack", "id": frame["id"]}).decode())
+            except ConnectionClosed:
+                pass
+            finally:
+                await ws.close()
+            self.tally.churned += 1
+
+
+async def pair(
+    url: str,
+    n: int,
+    args: argparse.Namespace,
+    tally: Tally,
+    reconnect: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    """Generations of pair ``n`` until ``stop``; each drains while the next one starts."""
+    draining: set[asyncio.Task[None]] = set()
+    try:
+        for generation in itertools.count():
+            one = Pair(url, n, generation, tally)
+            tally.generations += 1
+            sent = asyncio.Event()
+            # The recipient first, so that messages also arrive live.
+            receiving = asyncio.create_task(one.receive(sent, reconnect))
+            await one.send(args.rate, time.monotonic() + args.rotate, stop)
+            sent.set()
+            draining.add(receiving)
+            receiving.add_done_callback(draining.discard)
+            if stop.is_set():
+                break
+    finally:
+        # Bounded: what has not arrived by then is counted as lost.
+        _, late = await asyncio.wait(draining, timeout=DRAIN) if draining else (set(), set())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 async def churn(url: str, per_second: int, stop: asyncio.Event) -> None:
     serial = itertools.count()
     while not stop.is_set():
         for _ in range(per_second):
-            ws = await open_as(url, f"c{next(serial) % 500}@soak.test")
-            await ws.close()
+            with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
+                ws = await open_as(url, f"c{next(serial) % 500}@soak.test")
+                await ws.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1)
 
@@ -191,14 +297,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stop = asyncio.Event()
         tally = Tally()
         reconnects = [asyncio.Event() for _ in range(args.pairs)]
-        # Recipients first, so that every message also arrives live.
-        readers = [
-            asyncio.create_task(recipient(server.url, n, tally, reconnects[n]))
-            for n in range(args.pairs)
-        ]
-        await asyncio.sleep(1)
-        writers = [
-            asyncio.create_task(sender(server.url, n, args.rate, tally, stop))
+        pairs = [
+            asyncio.create_task(pair(server.url, n, args, tally, reconnects[n], stop))
             for n in range(args.pairs)
         ]
         churner = asyncio.create_task(churn(server.url, args.churn, stop))
@@ -219,14 +319,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 next_churn += 2
             await asyncio.sleep(min(args.sample, max(0.0, next_churn - time.monotonic())))
         stop.set()
-        await asyncio.gather(*writers, churner)
-        # Everything stored must arrive: wait for the stragglers, bounded.
-        deadline = time.monotonic() + 30
-        while not tally.stored <= tally.received and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        # Each pair drains its last generation (bounded) before it returns.
+        await asyncio.gather(*pairs, churner)
         # Once every client is gone, what the load left behind: work still in
         # flight (writes queued behind a database that slowed) may take a while
         # to finish; what is still there after SETTLE seconds is not in flight.
@@ -261,6 +355,7 @@ def judge(run: dict[str, Any], minutes: float) -> dict[str, Any]:
     lost = len(tally.stored - tally.received)
     checks = {
         "lost": lost == 0,
+        "no error frames but unavailable": not tally.errors,
         "duplicates in a connection": tally.duplicates == 0,
         "rss flat": abs(rss_growth) <= RSS_GROWTH * mean_rss,
         "fds flat": abs(fd_growth) <= FD_GROWTH,
@@ -273,6 +368,9 @@ def judge(run: dict[str, Any], minutes: float) -> dict[str, Any]:
         "lost": lost,
         "duplicates_in_a_connection": tally.duplicates,
         "recipient_reconnects": tally.churned,
+        "resent": tally.resent,
+        "generations": tally.generations,
+        "errors": tally.errors[:10],
         "last_half_rss_growth_kib": round(rss_growth, 1),
         "last_half_mean_rss_kib": round(mean_rss, 1),
         "last_half_fd_growth": round(fd_growth, 2),
@@ -306,6 +404,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--rate", type=float, default=4.0, help="messages/s per sender")
     parser.add_argument("--churn", type=int, default=5, help="short connections per second")
+    parser.add_argument("--rotate", type=float, default=60.0, help="seconds per generation")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
