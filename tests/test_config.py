@@ -128,3 +128,19 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError):
         settings.port = 1
     assert settings.model_copy(update={"port": 1}).port == 1
+
+
+def test_retention_is_unset_by_default_and_read_in_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().retention is None  # keep every message, as before the setting existed
+    monkeypatch.setenv("TIDINGS_RETENTION", "86400")
+    assert Settings().retention == 86400.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_retention_must_be_a_positive_number(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Zero would expire a message the moment it is acknowledged: surely a typo.
+    monkeypatch.setenv("TIDINGS_RETENTION", value)
+    with pytest.raises(ValidationError, match="retention"):
+        Settings()

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     # consumer), and how long a closing connection may take to flush, before
     # it is dropped.
     close_timeout: PositiveFloat = 5.0
+    # Seconds a message is kept once it is delivered or read (counted from its
+    # latest of those states), on MongoDB by a TTL index. Unset: kept for ever.
+    # Never applies to a message not yet delivered: it is still owed.
+    retention: PositiveFloat | None = None
 
     @field_validator("mongodb_uri")
     @classmethod
