@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # When set, /metrics is served on this port only (not on ``port``), so that
+    # it can be kept off the public listener.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     mongodb_uri: str | None = None
     database: str = "tidings"
     change_stream_scope: Literal["database", "collection"] = "database"
