@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -22,6 +25,10 @@ from tidings.errors import ConfigError
 from tidings.logs import configure_logging
 from tidings.protocol import normalise_email
 from tidings.wsprotocol import bounded_close_protocol
+
+log = logging.getLogger("tidings.cli")
+# The exit status when the drain deadline ends the process: not a clean stop.
+EXIT_DEADLINE = 70  # EX_SOFTWARE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,32 +67,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tidings: refusing to start: {exc}", file=sys.stderr)
         return 2
-    DrainingServer(server_config(app, settings), app).run()
+    DrainingServer(server_config(app, settings), app, settings.drain_deadline).run()
     return 0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, with a graceful drain on the first SIGTERM or SIGINT.
+    """uvicorn, with a graceful drain on the first SIGTERM or SIGINT, within a deadline.
 
     uvicorn alone stops listening and closes every WebSocket at once. Here the
     first signal turns the app not-ready and drains it (``Services.drain``);
-    only then does uvicorn shut down. A second signal stops at once.
+    only then does uvicorn shut down. Whatever happens, the process is gone
+    ``deadline`` seconds after that signal: a watchdog thread ends it, since a
+    loop stuck on something cannot be relied on to notice. A second signal
+    stops at once, skipping the drain's waits and the lifespan's shutdown.
     """
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, deadline: float) -> None:
         super().__init__(config)
         self._app = app
+        self._deadline = deadline
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._watchdog: threading.Timer | None = None
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None:
+            log.warning("stopping_now", extra={"signal": sig})
+            self.force_exit = True
         if self._drain is not None or self._loop is None or not self.started:
             super().handle_exit(sig, frame)
             return
+        self._watchdog = threading.Timer(self._deadline, self._give_up)
+        self._watchdog.daemon = True
+        self._watchdog.start()
         # Signal handlers run between bytecodes of the main thread, not in the loop.
         self._loop.call_soon_threadsafe(self._begin_drain)
 
@@ -98,6 +123,11 @@ class DrainingServer(uvicorn.Server):
             await self._app.state.services.drain()
         finally:
             self.should_exit = True
+
+    def _give_up(self) -> None:
+        log.error("drain_deadline_passed", extra={"deadline": self._deadline})
+        logging.shutdown()  # flush the log line above: os._exit skips it
+        os._exit(EXIT_DEADLINE)
 
 
 def _mint(settings: Settings, email: str, ttl: int) -> int:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Seconds a drain keeps, beyond one operation budget, for uvicorn and the
+# lifespan to stop once every connection is closed.
+SHUTDOWN_MARGIN = 1.0
 
 
 class Settings(BaseSettings):
@@ -73,6 +84,10 @@ class Settings(BaseSettings):
     # On SIGTERM: seconds /readyz answers 503 before connections are closed, so
     # that load balancers stop sending new ones here first.
     drain_delay: NonNegativeFloat = 5.0
+    # On SIGTERM: seconds until the process has exited, whatever it is doing
+    # then; the drain (the delay above, the frames in hand, the last flush to
+    # each client, the last state writes) is fitted inside it.
+    drain_deadline: PositiveFloat = 25.0
     # How long a client may take no frame while frames wait for it (a slow
     # consumer), and how long a closing connection may take to flush, before
     # it is dropped.
@@ -91,6 +106,19 @@ class Settings(BaseSettings):
                 "TIDINGS_MONGODB_URI is set but empty; unset it for the embedded store"
             )
         return value
+
+    @model_validator(mode="after")
+    def _drain_fits(self) -> Settings:
+        # The drain must leave the frames in hand one operation budget, and the
+        # shutdown after it another; a deadline shorter would cut them every time.
+        needed = self.drain_delay + 2 * self.mongodb_timeout + SHUTDOWN_MARGIN
+        if self.drain_deadline <= needed:
+            raise ValueError(
+                f"TIDINGS_DRAIN_DEADLINE ({self.drain_deadline:g} s) must exceed "
+                f"TIDINGS_DRAIN_DELAY plus twice TIDINGS_MONGODB_TIMEOUT plus "
+                f"{SHUTDOWN_MARGIN:g} s ({needed:g} s)"
+            )
+        return self
 
     @property
     def origins(self) -> frozenset[str]:

@@ -2,20 +2,26 @@
 
 The endpoint decides what happens on a connection; this module is how it is
 done on the socket: a handshake refused as an HTTP error (``deny``), frames
-written for the session's outbox (``SocketTransport``), and frames read ahead
-of the handler within a bound (``ReadAhead``).
+written for the session's outbox (``SocketTransport``), frames read ahead
+of the handler within a bound (``ReadAhead``), and the connection as a drain
+sees it (``Connection``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
+from dataclasses import dataclass
 
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tidings.errors import CloseCode, ConnectionGone
+from tidings.session import Session
+
+log = logging.getLogger("tidings.connection")
 
 # A frame as read: its text, or bytes for a binary frame (refused when handled).
 Raw = str | bytes
@@ -65,12 +71,13 @@ class ReadAhead:
     server buffer without bound.
     """
 
-    __slots__ = ("_frames", "_limit", "_space")
+    __slots__ = ("_frames", "_limit", "_space", "stopped")
 
     def __init__(self, limit: int) -> None:
         self._frames: deque[Raw] = deque()
         self._limit = limit
         self._space: asyncio.Future[None] | None = None
+        self.stopped = False
 
     @property
     def waiting(self) -> bool:
@@ -78,8 +85,20 @@ class ReadAhead:
         return bool(self._frames)
 
     def add(self, raw: Raw) -> None:
-        """A frame was read."""
-        self._frames.append(raw)
+        """A frame was read; once stopped, it is dropped."""
+        if not self.stopped:
+            self._frames.append(raw)
+
+    def stop(self) -> int:
+        """Take no more frames and drop those not handled yet; how many were dropped.
+
+        Nobody saw them answered, so their senders send them again, with the
+        same ids, to the server they reconnect to: dropping them is safe.
+        """
+        self.stopped = True
+        dropped = len(self._frames)
+        self.take()
+        return dropped
 
     async def space(self) -> None:
         """Wait until fewer than ``limit`` frames wait, before reading the next."""
@@ -94,3 +113,37 @@ class ReadAhead:
         if self._space is not None and not self._space.done():
             self._space.set_result(None)
         return frames
+
+
+@dataclass(eq=False)
+class Connection:
+    """An open connection as a drain sees it: its session, the frames read ahead
+    of the handler, and the task handling them (``None`` while none runs)."""
+
+    session: Session
+    reads: ReadAhead
+    handler: asyncio.Task[None] | None = None
+
+    async def drain(self, code: int, reason: str, settle: float, flush: float) -> None:
+        """Stop taking frames, let the frames being handled finish within ``settle``
+        seconds, then close with ``code`` after writing what is queued (``flush``).
+
+        Frames read ahead and not yet handled are dropped; a handler still
+        running after ``settle`` is cancelled, and its frames go unanswered,
+        which a client answers by sending them again elsewhere.
+        """
+        dropped = self.reads.stop()
+        abandoned = False
+        if self.handler is not None and not self.handler.done():
+            await asyncio.wait({self.handler}, timeout=settle)
+            if not self.handler.done():
+                abandoned = True
+                self.handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.handler
+        if dropped or abandoned:
+            log.info(
+                "drain_dropped_frames",
+                extra={**self.session.log_fields, "dropped": dropped, "abandoned": abandoned},
+            )
+        await self.session.finish(code, reason, flush)

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from tidings.auth import Principal, origin_allowed
 from tidings.config import Settings
-from tidings.connection import Raw, ReadAhead, SocketTransport, deny
+from tidings.connection import Connection, Raw, ReadAhead, SocketTransport, deny
 from tidings.errors import (
     AuthFailed,
     ClientError,
@@ -51,8 +51,9 @@ class TidingsEndpoint(WebSocketEndpoint):
         if principal is None:
             return
         session = await self._open(websocket, services, principal)
-        reads = ReadAhead(services.settings.read_ahead)
-        handler: asyncio.Task[None] | None = None
+        connection = Connection(session, ReadAhead(services.settings.read_ahead))
+        reads = connection.reads
+        services.connections.add(connection)
         close_code = CloseCode.NORMAL.value
         try:
             while True:
@@ -60,17 +61,21 @@ class TidingsEndpoint(WebSocketEndpoint):
                 if message["type"] == "websocket.disconnect":
                     close_code = int(message.get("code") or CloseCode.NORMAL)
                     break
+                # Read on after a drain stopped taking frames (``add`` drops
+                # them), so that the client's close and pongs are still heard.
                 text = message.get("text")
                 reads.add(text if text is not None else message.get("bytes") or b"")
-                if handler is None or handler.done():
-                    handler = asyncio.create_task(self._handle(services, session, principal, reads))
+                if reads.waiting and (connection.handler is None or connection.handler.done()):
+                    connection.handler = asyncio.create_task(
+                        self._handle(services, session, principal, reads)
+                    )
                 await reads.space()
         finally:
-            if handler is not None:
-                handler.cancel()
+            if connection.handler is not None:
+                connection.handler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await handler
-            services.sessions.discard(session)
+                    await connection.handler
+            services.connections.discard(connection)
             await session.stop()
             log.info("connection_closed", extra={**session.log_fields, "code": close_code})
 
@@ -112,7 +117,6 @@ class TidingsEndpoint(WebSocketEndpoint):
             write_timeout=settings.close_timeout,
         )
         session.start(settings.identify_timeout)
-        services.sessions.add(session)
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         if principal.expires_at is not None:
             session.expire(principal.expires_at - time.time())
@@ -140,6 +144,9 @@ class TidingsEndpoint(WebSocketEndpoint):
             while reads.waiting:
                 await session.room()
                 for raw in reads.take():
+                    if reads.stopped:  # A drain began: what is not handled yet is dropped.
+                        batch.clear()
+                        break
                     try:
                         frame = _parse(bucket, settings, raw)
                     except ClientError as exc:

@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass, field
 
 from tidings.auth import Authenticator
-from tidings.config import Settings
+from tidings.config import SHUTDOWN_MARGIN, Settings
+from tidings.connection import Connection
 from tidings.engine import Engine
 from tidings.errors import CloseCode
 from tidings.handlers import Handlers
 from tidings.hub import Hub
 from tidings.recorder import Recorder
-from tidings.session import Session
 
 log = logging.getLogger("tidings.services")
 
@@ -29,26 +29,37 @@ class Services:
     handlers: Handlers
     authenticator: Authenticator
     draining: bool = False
-    # Every open connection's session, so that a drain can close them all.
-    sessions: set[Session] = field(default_factory=set)
+    # Every open connection, so that a drain can finish them all.
+    connections: set[Connection] = field(default_factory=set)
 
     async def drain(self) -> None:
-        """Stop taking connections, turn not-ready, then close every connection.
+        """Turn not-ready, stop taking frames, finish what is in hand, close every connection.
 
-        Readiness is 503 for ``drain_delay`` seconds first, so that load balancers
-        stop routing here; each client then gets what was already queued for it
-        and a 1012 close that tells it to reconnect elsewhere.
+        Readiness is 503 for ``drain_delay`` seconds first, so that load
+        balancers stop routing here. Then every connection stops taking frames
+        (those read ahead are dropped: nobody saw them answered), the frames
+        being handled finish, each client gets what was queued for it and a
+        1012 close that tells it to reconnect elsewhere. All of it fits in
+        ``drain_deadline`` from the start, less what the shutdown after it
+        needs (the last state writes, within one operation budget).
         """
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        end = loop.time() + settings.drain_deadline - settings.mongodb_timeout - SHUTDOWN_MARGIN
         self.draining = True
-        log.info("draining", extra={"connections": len(self.sessions)})
-        await asyncio.sleep(self.settings.drain_delay)
+        log.info("draining", extra={"connections": len(self.connections)})
+        await asyncio.sleep(min(settings.drain_delay, max(0.0, end - loop.time())))
+        left = max(0.0, end - loop.time())
+        flush = min(settings.close_timeout, left / 2)
         await asyncio.gather(
             *(
-                session.finish(
+                connection.drain(
                     CloseCode.SERVICE_RESTART,
                     "server restarting; reconnect",
-                    self.settings.close_timeout,
+                    settle=left - flush,
+                    flush=flush,
                 )
-                for session in list(self.sessions)
+                for connection in list(self.connections)
             )
         )
+        log.info("drained")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +19,8 @@ from tidings.engine.mongo.store import MongoStore
 from tidings.errors import StoreUnavailable
 
 __all__ = ["MongoChangeFeed", "MongoStore", "open_mongo"]
+
+log = logging.getLogger("tidings.engine")
 
 
 @asynccontextmanager
@@ -44,4 +48,10 @@ async def open_mongo(settings: Settings) -> AsyncIterator[Engine]:
         feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
         yield Engine("mongodb", MongoStore(db), feed, presence)
     finally:
-        await client.close()
+        # Closing ends the server sessions with a command that a frozen
+        # database never answers, and no operation budget covers it: bound it
+        # here, so that a drain is not held to its deadline by it.
+        try:
+            await asyncio.wait_for(client.close(), settings.mongodb_timeout)
+        except TimeoutError:
+            log.warning("database_close_timed_out", extra={"seconds": settings.mongodb_timeout})
