@@ -28,7 +28,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                 "LOST when the process exits. Set it for anything but a trial."
             },
         )
-        opened = nullcontext(memory_engine())
+        opened = nullcontext(memory_engine(settings.retention))
     else:
         opened = open_mongo(settings)
     async with opened as engine:

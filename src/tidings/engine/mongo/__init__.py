@@ -46,7 +46,7 @@ async def open_mongo(settings: Settings) -> AsyncIterator[Engine]:
         except PyMongoError as exc:
             raise StoreUnavailable(f"database error: {exc}") from exc
         feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
-        yield Engine("mongodb", MongoStore(db), feed, presence)
+        yield Engine("mongodb", MongoStore(db, settings.retention), feed, presence)
     finally:
         # Closing ends the server sessions with a command that a frozen
         # database never answers, and no operation budget covers it: bound it

@@ -15,7 +15,12 @@ stand-in that the code has to allow for is handled here, and only here:
 - it answers an idle ``getMore`` at once instead of waiting ``maxAwaitTimeMS``
   (the change-stream feed pauses between empty batches);
 - it closes a change stream's cursor when the connection that opened it closes,
-  which MongoDB does only after an invalidate (the feed resumes such a stream).
+  which MongoDB does only after an invalidate (the feed resumes such a stream);
+- it names indexes its own way (``idx_<collection>_<fields>``), replaces an
+  index whose options differ when asked to create it, which MongoDB refuses
+  (error 85), and answers ``collMod`` without changing the index
+  (``retime_ttl``). Its TTL monitor deletes expired documents as MongoDB's does,
+  and it keeps no ``partialFilterExpression`` (the retention index needs none).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
+from pymongo import IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
 
 
 def typed(value: Any) -> Any:
@@ -52,3 +59,18 @@ def as_datetime(value: datetime | str) -> datetime:
         return value
     moment = datetime.fromisoformat(value)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def retime_ttl(
+    coll: AsyncCollection[Any], name: str, index: IndexModel, seconds: int
+) -> None:
+    """Change the ``expireAfterSeconds`` of ``coll``'s TTL index ``name`` in place.
+
+    ``collMod`` is what does it on MongoDB; the index created afterwards is then
+    the same one and nothing happens. nx-27017 ignores ``collMod``'s index
+    options, and the create is what replaces its index.
+    """
+    await coll.database.command(
+        {"collMod": coll.name, "index": {"name": name, "expireAfterSeconds": seconds}}
+    )
+    await coll.create_indexes([index])

@@ -18,6 +18,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from tidings.engine.mongo.batch import next_position
 from tidings.engine.mongo.documents import INBOX, MESSAGE_INDEXES, SCHEMA, Document
+from tidings.engine.mongo.retention import apply_retention
 
 # The ``_id`` of the document that marks a collection whose inbox documents all have a ``seq``.
 SCHEMA_MARKER = "schema"
@@ -25,8 +26,11 @@ SCHEMA_MARKER = "schema"
 SCHEMA_1_BACKLOG_INDEX = "backlog"
 
 
-async def prepare(coll: AsyncCollection[Document]) -> None:
-    """Number the schema 1 inbox documents of ``coll`` and make its indexes."""
+async def prepare(coll: AsyncCollection[Document], retention: float | None = None) -> None:
+    """Number the schema 1 inbox documents of ``coll`` and make its indexes.
+
+    ``retention``: seconds finished messages are kept; ``None`` keeps them all.
+    """
     if await coll.find_one({"_id": SCHEMA_MARKER}) is None:
         await number_schema_1(coll)
         with contextlib.suppress(OperationFailure):
@@ -35,6 +39,7 @@ async def prepare(coll: AsyncCollection[Document]) -> None:
         await coll.update_one({"_id": SCHEMA_MARKER}, {"$set": {"v": SCHEMA}}, upsert=True)
     else:
         await coll.create_indexes(MESSAGE_INDEXES)
+    await apply_retention(coll, retention)
 
 
 async def number_schema_1(coll: AsyncCollection[Document]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from tidings.engine.mongo.documents import (
     state_of,
 )
 from tidings.engine.mongo.errors import guarded
+from tidings.engine.mongo.retention import DONE, reclaim
 from tidings.engine.mongo.schema import number_schema_1, prepare
 from tidings.engine.mongo.users import Users
 from tidings.errors import StoreUnavailable
@@ -49,14 +50,25 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import MessageState, earlier_than
+from tidings.protocol import PENDING, MessageState, earlier_than
 
 
 class MongoStore:
-    """``Store`` on a MongoDB database (``AsyncMongoClient``; mongomock-motor in tests)."""
+    """``Store`` on a MongoDB database (``AsyncMongoClient``; mongomock-motor in tests).
 
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    ``retention``: seconds a delivered or read message is kept (``retention``);
+    ``None`` keeps them all. ``clock`` stamps every write.
+    """
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        retention: float | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self._db = db
+        self._retention = retention
+        self._clock = clock
         self._users = Users(db["users"])
         self._prepared: dict[str, asyncio.Future[None]] = {}
         self._inserts = SequencedCommit()
@@ -86,14 +98,13 @@ class MongoStore:
     async def send(self, sender: str, conn: str, drafts: Sequence[Draft]) -> list[Outcome]:
         if not drafts:
             return []
-        now = utcnow()
+        now = self._clock()
         outcomes: dict[int, Outcome] = {}
         # The receipts go first: their unique key is what makes an id name one
         # message per sender, and every later transition finds them.
         receipts = await self._messages(sender)
-        taken = await _insert_unordered(
-            receipts, [receipt_doc(sender, draft, conn, now) for draft in drafts]
-        )
+        new_receipts = [receipt_doc(sender, draft, conn, now) for draft in drafts]
+        taken = await _insert_unordered(receipts, new_receipts)
         if taken:
             await self._answer_reuse(receipts, sender, drafts, taken, outcomes)
         pending = [i for i in range(len(drafts)) if i not in outcomes]
@@ -115,6 +126,11 @@ class MongoStore:
                 outcomes[i] = await self._answer_resend(sender, drafts[i])
         if stored:
             updates = [_advance(OUTBOX, m.sender, m.id, MessageState.STORED, now) for m in stored]
+            # A taken id whose message was stored anyway: the inbox no longer
+            # held it, its retention having run out, and its receipt is next.
+            # The id names the new message now, and the receipt follows it.
+            reused = {drafts[i].id: new_receipts[i] for i in taken if i in futures}
+            updates += [reclaim(doc) for m in stored if (doc := reused.get(m.id))]
             await _bulk(receipts, updates)
         return [outcomes[i] for i in range(len(drafts))]
 
@@ -138,7 +154,7 @@ class MongoStore:
                 outcomes[i] = Outcome(
                     drafts[i].id,
                     MessageState.FAILED,
-                    utcnow(),
+                    self._clock(),
                     code="invalid",
                     reason=f"the id {drafts[i].id!r} is already taken by a message to "
                     f"{doc['to']}; use another id",
@@ -197,7 +213,7 @@ class MongoStore:
 
     @guarded
     async def record(self, transitions: Sequence[Transition]) -> None:
-        now = utcnow()
+        now = self._clock()
         inboxes: dict[str, list[Transition]] = defaultdict(list)
         for transition in transitions:
             inboxes[transition.recipient].append(transition)
@@ -229,7 +245,7 @@ class MongoStore:
         coll = self._db[name]
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = asyncio.ensure_future(prepare(coll))
+            prepared = self._prepared[name] = asyncio.ensure_future(prepare(coll, self._retention))
             prepared.add_done_callback(functools.partial(self._forget_failure, name))
         await asyncio.shield(prepared)
         return coll
@@ -264,6 +280,8 @@ def _advance(kind: str, sender: str, message_id: str, state: MessageState, at: A
     """
     earlier = earlier_than(state)
     changes = {"state": state.value, f"at.{state.value}": at}
+    if state not in PENDING and state is not MessageState.RECEIVED:
+        changes[DONE] = at  # the retention index counts from here (retention.py)
     if kind == OUTBOX:
         earlier = [MessageState.RECEIVED.value, *earlier]
         changes["moved"] = moved_at(at)  # for states_since
