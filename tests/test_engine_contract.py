@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import pytest
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from tests.fakes import ALICE, BOB, CAROL, mock_db, teach_mongomock_sort, until
 from tests.mongo import REAL_MONGODB_URI, NxServer
 from tidings.engine import Store
-from tidings.engine.memory import memory_engine
+from tidings.engine.memory import MemoryFeed, MemoryStore, memory_engine
 from tidings.engine.mongo import MongoStore
+from tidings.engine.mongo.compat import as_datetime
 from tidings.engine.mongo.documents import Document
 from tidings.models import (
     Draft,
@@ -101,6 +104,89 @@ async def store(
             await client.drop_database(database)
     finally:
         await client.close()
+
+
+# Seconds finished messages are kept by the stores of the retention cases.
+RETENTION = 3600.0
+
+
+class Clock:
+    """A clock the test moves by hand; a retaining store stamps its writes with it."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Retaining:
+    """A store with ``RETENTION``, its clock, and what its engine's expiry does by that clock."""
+
+    store: Store
+    clock: Clock
+    expire: Callable[[], Awaitable[None]]
+
+    async def age(self, seconds: float) -> None:
+        """Let ``seconds`` pass, and the engine's expiry run once after them."""
+        self.clock.now += timedelta(seconds=seconds)
+        await self.expire()
+
+
+async def ttl_monitor(db: AsyncDatabase[Document], now: datetime) -> None:
+    """One pass of MongoDB's TTL monitor at ``now``, driven by the indexes as they are.
+
+    The real one runs every 60 s by the server's clock; this one lets a test
+    say when, so nothing waits. Documents without the field never expire.
+    """
+    for name in await db.list_collection_names():
+        coll = db[name]
+        for info in (await coll.index_information()).values():
+            if "expireAfterSeconds" not in info:
+                continue
+            [(field, _)] = list(info["key"])
+            cutoff = now - timedelta(seconds=info["expireAfterSeconds"])
+            cursor = coll.find({field: {"$exists": True}})
+            gone = [doc["_id"] async for doc in cursor if as_datetime(doc[field]) <= cutoff]
+            if gone:
+                await coll.delete_many({"_id": {"$in": gone}})
+
+
+@pytest.fixture
+async def retaining(
+    engine_name: str, server_uri: str | None, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Retaining]:
+    """A started store of the engine under test that keeps finished messages ``RETENTION``."""
+    clock = Clock()
+    if engine_name == "memory":
+        memory = MemoryStore(MemoryFeed(), RETENTION, clock)
+        await memory.start()
+
+        async def purge() -> None:
+            memory.purge()
+
+        try:
+            yield Retaining(memory, clock, purge)
+        finally:
+            await memory.close()
+        return
+    client: AsyncMongoClient[Document] | None = None
+    if server_uri is None:
+        teach_mongomock_sort(monkeypatch)
+        db = mock_db()
+    else:
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        db = client[f"t_{uuid.uuid4().hex[:12]}"]
+    mongo = MongoStore(db, RETENTION, clock)
+    await mongo.start()
+    try:
+        yield Retaining(mongo, clock, lambda: ttl_monitor(db, clock.now))
+    finally:
+        await mongo.close()
+        if client is not None:
+            await client.drop_database(db.name)
+            await client.close()
 
 
 async def send(
@@ -563,6 +649,96 @@ async def test_states_since_answers_the_senders_messages_that_moved_from_then(
 
 def ids_of(changes: Sequence[StateChanged]) -> list[str]:
     return [c.id for c in changes]
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+async def inbox_ids(store: Store, owner: str, wanted: Sequence[str]) -> list[str]:
+    return ids(by_position(await store.find_inbox(owner, wanted)))
+
+
+async def test_a_finished_message_expires_after_the_retention_an_owed_one_never(
+    retaining: Retaining,
+) -> None:
+    store = retaining.store
+    sent = await send_many(store, 4)
+    await store.record(
+        [
+            Transition.of(sent[0], S.DELIVERED),
+            Transition.of(sent[1], S.READ),
+            Transition.of(sent[2], S.SENT),
+        ]
+    )
+    await retaining.age(RETENTION - 60)
+    assert await inbox_ids(store, BOB, ids(sent)) == ["m0", "m1", "m2", "m3"]
+    await retaining.age(61)
+    # The delivered and the read one are gone; the sent and the stored one are
+    # still owed to Bob, and stay however long he takes.
+    assert await inbox_ids(store, BOB, ids(sent)) == ["m2", "m3"]
+    await retaining.age(100 * RETENTION)
+    assert await inbox_ids(store, BOB, ids(sent)) == ["m2", "m3"]
+    assert ids(await store.backlog(BOB, None, None, 10)) == ["m2", "m3"]
+
+
+async def test_the_retention_counts_from_the_latest_finished_state(
+    retaining: Retaining,
+) -> None:
+    store = retaining.store
+    (message,) = await send_many(store, 1)
+    await store.record([Transition.of(message, S.DELIVERED)])
+    await retaining.age(RETENTION / 2)
+    await store.record([Transition.of(message, S.READ)])
+    await retaining.age(RETENTION / 2 + 60)
+    assert await state_in_inbox(store, message) is S.READ
+    await retaining.age(RETENTION / 2)
+    assert await store.find_inbox(BOB, [message.id]) == []
+
+
+async def test_since_and_the_backlog_after_expiry(retaining: Retaining) -> None:
+    store = retaining.store
+    sent = await send_many(store, 5)
+    await store.record([Transition.of(sent[i], S.DELIVERED) for i in (0, 1, 3)])
+    await retaining.age(RETENTION + 1)
+    later = await stored(store, ALICE, BOB, "m5")
+    await store.record([Transition.of(later, S.DELIVERED)])
+    # A ``since`` naming an expired message finds nothing to anchor to (the
+    # protocol answers not_found); one naming a message still held replays
+    # what is left after it, across the holes, page by page.
+    assert await store.find_inbox(BOB, ["m1"]) == []
+    for limit in (1, 2, 10):
+        found = await pages(store, BOB, sent[2].position, limit)
+        assert [m.id for page in found for m in page] == ["m2", "m4", "m5"]
+    assert ids(await store.backlog(BOB, None, None, 10)) == ["m2", "m4"]
+
+
+async def test_states_since_after_expiry(retaining: Retaining) -> None:
+    store = retaining.store
+    since = retaining.clock.now
+    finished, owed = await send_many(store, 2)
+    await store.record([Transition.of(finished, S.READ), Transition.of(owed, S.SENT)])
+    assert ids_of(await store.states_since(ALICE, since)) == ["m0", "m1"]
+    await retaining.age(RETENTION + 1)
+    assert [(c.id, c.state) for c in await store.states_since(ALICE, since)] == [("m1", S.SENT)]
+
+
+async def test_a_resend_of_an_expired_id_is_a_new_message(retaining: Retaining) -> None:
+    store = retaining.store
+    (first,) = await send_many(store, 1)
+    await store.record([Transition.of(first, S.DELIVERED)])
+    await retaining.age(RETENTION - 60)
+    again = await send(store, ALICE, BOB, first.id, "again")
+    assert (again.stored, again.state) == (None, S.DELIVERED)  # within the retention: the same
+    await retaining.age(61)
+    # Past it, the id is free: sent again, it is a new message, stored and owed.
+    later = await send(store, ALICE, BOB, first.id, "again")
+    assert later.state is S.STORED
+    assert later.stored is not None
+    assert later.stored.position > first.position
+    assert await store.backlog(BOB, None, None, 10) == [later.stored]
+    assert await store.find_inbox(BOB, [first.id]) == [later.stored]
+    await store.record([Transition.of(later.stored, S.READ)])
+    assert (await send(store, ALICE, BOB, first.id)).state is S.READ
 
 
 # --- the memory engine's feed -----------------------------------------------------------
