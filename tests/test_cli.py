@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import jwt
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from tidings.auth import JWTAuthenticator
-from tidings.cli import main, server_config
+from tidings.cli import EXIT_DEADLINE, DrainingServer, main, server_config
 from tidings.config import Settings
 
 SECRET = "k" * 40
@@ -254,3 +258,23 @@ def test_token_with_a_short_secret_returns_2(
     monkeypatch.setenv("TIDINGS_JWT_SECRET", "short")
     assert main(["token", "--email", "a@b.io"]) == 2
     assert "32 bytes" in capsys.readouterr().err
+
+
+# --- the drain's deadline and second signal ----------------------------------------------
+
+
+def test_the_drain_deadline_ends_the_process_with_its_own_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the real one would end the test run
+    server = DrainingServer(server_config(nothing, Settings(dev=True)), Starlette(), 25.0)
+    server._give_up()
+    assert exits == [EXIT_DEADLINE]
+
+
+def test_a_signal_before_the_server_started_is_uvicorns_own() -> None:
+    server = DrainingServer(server_config(nothing, Settings(dev=True)), Starlette(), 25.0)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
+    assert not server.force_exit

@@ -144,3 +144,11 @@ def test_retention_must_be_a_positive_number(value: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("TIDINGS_RETENTION", value)
     with pytest.raises(ValidationError, match="retention"):
         Settings()
+
+
+def test_a_drain_deadline_must_leave_the_frames_in_hand_an_operation_budget() -> None:
+    # 5 s of delay, twice the 5 s budget and the margin: 16 s at least.
+    with pytest.raises(ValidationError, match="TIDINGS_DRAIN_DEADLINE"):
+        Settings(drain_deadline=16)
+    assert Settings(drain_deadline=16.5).drain_deadline == 16.5
+    assert Settings(drain_delay=0, mongodb_timeout=1, drain_deadline=3.5).drain_deadline == 3.5

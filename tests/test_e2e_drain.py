@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.helpers import TIMEOUT, client, free_port
 from tests.mongo import NxServer
 from tests.processes import serving, wait_until_ready
+from tests.test_e2e_mongo import wait_for_readiness
 from tidings.cli import EXIT_DEADLINE
 from tidings.models import collection_for
 
@@ -183,6 +184,8 @@ async def test_sigterm_under_load_finishes_what_it_started_and_exits_by_the_dead
         drain_deadline="6",
         log_level="INFO",
     ) as served:
+        if frozen:  # the deadline may have to end it: that is what it is for
+            served.also_exits = (EXIT_DEADLINE,)
         ready = [asyncio.Event() for _ in recipients]
         going = [asyncio.Event() for _ in senders]
         reading = [
@@ -224,3 +227,22 @@ async def test_sigterm_under_load_finishes_what_it_started_and_exits_by_the_dead
     assert stored <= inboxes
     if not frozen:
         assert "drained" in served.log
+
+
+async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    # A drain delay far longer than the test waits: only the second signal can end it.
+    async with serving(
+        tmp_path, dev="1", drain_delay="3600", drain_deadline="3700", log_level="INFO"
+    ) as served:
+        # uvicorn raises the signal again once it has stopped: the process dies of it.
+        served.also_exits = (-signal.SIGTERM,)
+        base = served.url.replace("ws://", "http://").removesuffix("/ws")
+        async with client(served.url) as alice:
+            await alice.identify("alice@example.com")
+            served.process.send_signal(signal.SIGTERM)
+            await wait_for_readiness(base, 503)
+            served.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(served.process.wait(), TIMEOUT)
+            # Even then the client hears a close frame, not a dropped connection.
+            assert (await alice.close_frame()).code == 1012
+    assert "stopping_now" in served.log
