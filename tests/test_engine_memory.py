@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -313,3 +314,70 @@ async def test_backlog_since_after_compaction() -> None:
     expected = [10, 150, *range(191, 201)]
     for limit in (1, 2, 5, 12, 13):
         assert positions(await everything(store, BOB, since, limit)) == expected
+
+
+# ------------------------------------------------------------------ retention
+
+
+class Clock:
+    """A clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 2, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_no_retention_no_purge() -> None:
+    store = MemoryStore(MemoryFeed())
+    await store.start()
+    assert store._purging is None
+    sent = await store.send(ALICE, "c", [Draft("m1", BOB, "x")])
+    await store.record([Transition(ALICE, BOB, "m1", MessageState.READ)])
+    assert store.purge() == 0
+    assert [o.id for o in sent] == [m.id for m in await store.find_inbox(BOB, ["m1"])]
+    await store.close()
+
+
+async def test_a_purge_pass_costs_what_it_removes() -> None:
+    clock = Clock()
+    store = MemoryStore(MemoryFeed(), 60.0, clock)
+    outcomes = await store.send(ALICE, "c", [Draft(f"m{i}", BOB, "x") for i in range(300)])
+    owed = {f"m{i}" for i in range(0, 300, 30)}
+    await store.record(
+        [Transition(ALICE, BOB, o.id, MessageState.DELIVERED) for o in outcomes if o.id not in owed]
+    )
+    # Only finished messages wait to expire: the owed ones are never looked at.
+    assert len(store._finished) == 300 - len(owed)
+    clock.now += timedelta(seconds=59)
+    assert store.purge() == 0
+    clock.now += timedelta(seconds=1)
+    assert store.purge() == 300 - len(owed)
+    assert store._finished == []
+    inbox = store._inboxes[BOB]
+    # The ordered positions were compacted as messages left: reading from a
+    # position on does not walk the holes.
+    assert len(inbox.order) <= len(owed) + 64
+    assert {m.id for m in await store.backlog(BOB, Position(0), None, 1000)} == owed
+    assert store._moves[ALICE].keys() == {(BOB, mid) for mid in owed}
+
+
+async def test_the_purge_runs_from_start_until_close() -> None:
+    clock = Clock()
+    engine = memory_engine(retention=0.01, clock=clock)
+    store = engine.store
+    assert isinstance(store, MemoryStore)
+    await store.start()
+    task = store._purging
+    assert task is not None
+    try:
+        await store.send(ALICE, "c", [Draft("m1", BOB, "x")])
+        await store.record([Transition(ALICE, BOB, "m1", MessageState.DELIVERED)])
+        clock.now += timedelta(seconds=1)
+        # No purge() here: the store's own task lets the message go.
+        await until(lambda: not store._inboxes[BOB].messages)
+    finally:
+        await store.close()
+    assert task.done()
+    assert store._purging is None
