@@ -79,7 +79,11 @@ class MongoChangeFeed:
         if scope == "database":
             self._followers[None] = Follower(None, last_answer=clock())
         self._active = False
+        # Read by /metrics at scrape time: the engine knows no metrics library.
         self._poison = 0
+        self._resumes = 0
+        self._restarts = 0
+        self._interruptions = 0
 
     @property
     def running(self) -> bool:
@@ -100,6 +104,28 @@ class MongoChangeFeed:
     def poison_events(self) -> int:
         """Change events skipped because they could not be decoded, since start."""
         return self._poison
+
+    @property
+    def resumes(self) -> int:
+        """Streams reopened from their token after an interruption, since start."""
+        return self._resumes
+
+    @property
+    def restarts(self) -> int:
+        """Streams started again from now (token unusable, stream ended), since start."""
+        return self._restarts
+
+    @property
+    def interruptions(self) -> int:
+        """Errors that stopped a stream, each followed by a backoff, since start."""
+        return self._interruptions
+
+    @property
+    def lag_seconds(self) -> float:
+        """Seconds since the stalest stream last answered: every change before was delivered."""
+        # An open stream answers every max_await_ms, idle or not: this grows only when it stops.
+        oldest = min((f.last_answer for f in self._followers.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, (self._clock() - oldest).total_seconds())
 
     async def run(self, sink: Sink) -> None:
         self._sink = sink
@@ -175,6 +201,7 @@ class MongoChangeFeed:
             follower.token, follower.resync = None, reason
             if follower.gap_since is None:  # a restart that failed keeps the first gap
                 follower.gap_since = follower.last_answer - RESYNC_MARGIN
+            self._restarts += 1
             log.warning("feed_restarted", extra={"stream": follower.label, "reason": reason})
 
     async def _follow_once(self, target: Watchable, follower: Follower) -> str:
@@ -192,6 +219,7 @@ class MongoChangeFeed:
             follower.healthy, follower.error = True, None
             follower.opened.set()
             if follower.failures:
+                self._resumes += 1
                 log.info("feed_resumed", extra={"stream": follower.label})
             follower.failures = 0
             if follower.resync is not None:
@@ -247,6 +275,7 @@ class MongoChangeFeed:
         exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
         delay = self._jitter(min(self._backoff_cap, self._backoff_base * 2**exponent))
         follower.failures += 1
+        self._interruptions += 1
         log.warning(
             "feed_interrupted",
             extra={"stream": follower.label, "error": str(exc), "retry_in": round(delay, 3)},
