@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from tidings.auth import Principal
 from tidings.engine import Presence, Store
 from tidings.errors import ClientError, ErrorCode
+from tidings.metrics import Metrics
 from tidings.models import Draft, Message, Outcome, Transition, User, utcnow
 from tidings.protocol import (
     AckFrame,
@@ -52,12 +53,22 @@ class KnownUsers:
 
 
 class Handlers:
-    """Turns validated frames into store operations and replies."""
+    """Turns validated frames into store operations and replies.
+
+    With ``metrics`` it counts messages received, stored and failed; the
+    recorder counts the states after those.
+    """
 
     def __init__(
-        self, store: Store, presence: Presence, recorder: Recorder, max_content_chars: int
+        self,
+        store: Store,
+        presence: Presence,
+        recorder: Recorder,
+        max_content_chars: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._counts = metrics.messages if metrics is not None else None
         self._presence = presence
         self._recorder = recorder
         self._max_content = max_content_chars
@@ -124,6 +135,8 @@ class Handlers:
         # Server-assigned ids are 22 URL-safe characters, inside the id alphabet.
         draft = Draft(frame.id or secrets.token_urlsafe(16), frame.to, frame.content)
         session.push(state_frame(draft.id, MessageState.RECEIVED, utcnow()))
+        if self._counts is not None:
+            self._counts[MessageState.RECEIVED] += 1
         return draft
 
     async def send(self, session: Session, drafts: Sequence[Draft]) -> None:
@@ -160,6 +173,10 @@ class Handlers:
             session.push(
                 state_frame(outcome.id, outcome.state, outcome.at, outcome.code, outcome.reason)
             )
+            if self._counts is not None and (
+                outcome.stored or outcome.state is MessageState.FAILED
+            ):
+                self._counts[outcome.state] += 1
             if outcome.state is MessageState.FAILED:
                 fields = {**session.log_fields, "message_id": outcome.id, "code": outcome.code}
                 log.info("message_failed", extra={**fields, "state": outcome.state.value})

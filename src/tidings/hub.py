@@ -67,6 +67,10 @@ class Hub:
         """Wait until the feed delivers every event for ``email`` from now on."""
         await self._feed.ready(email)
 
+    def users(self) -> int:
+        """How many users have a session on this process."""
+        return len(self._sessions)
+
     def online(self) -> list[str]:
         """The e-mails with at least one session on this process."""
         return list(self._sessions)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tidings.errors import ConnectionGone
+from tidings.metrics import Histogram, Metrics
 from tidings.models import Message, Transition
 from tidings.protocol import MessageState, encode
 
@@ -51,6 +52,8 @@ class _Out:
     # A ``received`` frame, which a burst lets go (see ``Outbox``).
     received: bool = False
     superseded: bool = False
+    kind: str = "message"  # the frame's type, counted once written
+    latency: Histogram | None = None  # a message's first delivery's, observed once written
 
 
 class Outbox:
@@ -75,11 +78,13 @@ class Outbox:
     client takes no frame for ``write_timeout``. ``on_progress`` runs after a
     frame leaves the queue with at most half the bound waiting, and when the
     queue empties: the moments the session may read again what it dropped.
+    With ``metrics`` it counts frames written, error frames taken and delivery latencies.
     """
 
     __slots__ = (
         "_closed",
         "_idle",
+        "_metrics",
         "_on_progress",
         "_on_stuck",
         "_queue",
@@ -106,8 +111,10 @@ class Outbox:
         spawn: Spawn,
         on_progress: Callable[[], None],
         on_stuck: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._transport = transport
+        self._metrics = metrics
         self._record = record
         self._queue_size = queue_size
         self._write_timeout = write_timeout
@@ -162,7 +169,8 @@ class Outbox:
         and the feed, which may lag), and the client must see them forward
         only. A repeated state is kept: it may be the answer to a resend.
         """
-        state_of = frame["id"] if frame["type"] == "state" else None
+        kind = frame["type"]
+        state_of = frame["id"] if kind == "state" else None
         if state_of is not None and self._behind_told(state_of, frame["state"]):
             return
         if state_of is not None and (earlier := self._queued_states.get(state_of)):
@@ -170,10 +178,13 @@ class Outbox:
             waiting = len(self._queue)
             if waiting >= self._queue_size // 2 or (earlier.received and waiting >= BURST):
                 earlier.superseded = True
+        if kind == "error" and self._metrics is not None:
+            self._metrics.error_frames[frame["code"]] += 1
         out = _Out(
             encode(frame),
             state_of=state_of,
             received=state_of is not None and frame["state"] == MessageState.RECEIVED,
+            kind=kind,
         )
         if state_of is not None:
             self._queued_states[state_of] = out
@@ -196,9 +207,12 @@ class Outbox:
             self._told.popitem(last=False)
         return False
 
-    def push_message(self, message: Message) -> None:
-        """Queue a message, whether or not the queue is full: the caller decides."""
-        self._append(_Out(encode(message.frame()), message))
+    def push_message(self, message: Message, *, backlog: bool = False) -> None:
+        """Queue a message, full queue or not (the caller decides); ``backlog``: not live."""
+        latency = None
+        if self._metrics is not None and message.state is MessageState.STORED:
+            latency = self._metrics.delivery[backlog]
+        self._append(_Out(encode(message.frame()), message, latency=latency))
 
     async def room(self) -> None:
         """Wait until the queue is not full (or the outbox is closed)."""
@@ -225,6 +239,7 @@ class Outbox:
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
+        written = self._metrics.frames_out if self._metrics is not None else None
         # One watchdog a run of the writer, not a timeout a frame: a timeout
         # costs a timer of its own, and this is the path of every frame.
         self._watchdog = loop.call_later(self._write_timeout, self._watch)
@@ -249,8 +264,12 @@ class Outbox:
                     self._closed = True  # Nobody is listening: queue nothing more.
                     return
                 self._sending_since = None
+                if written is not None:
+                    written[out.kind] += 1
                 if out.message is not None and out.message.state is MessageState.STORED:
                     self._record(Transition.of(out.message, MessageState.SENT))
+                    if out.latency is not None:
+                        out.latency.since(out.message.sent_at)
             if not self._closed:
                 self._on_progress()
         finally:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from tidings.engine import Store
 from tidings.errors import StoreUnavailable
+from tidings.metrics import Metrics
 from tidings.models import Transition
 from tidings.protocol import advances
 
@@ -28,12 +29,15 @@ class Recorder:
     """Batches transitions for one store; ``run`` is its one task, owned by the app.
 
     A batch holds at most ``max_batch`` messages, so that one write stays well
-    within the database's time budget however far behind the recorder is.
+    within the database's time budget however far behind the recorder is. With
+    ``metrics`` it counts each state it is handed, when it is not behind one
+    that still waits for the same message.
     """
 
-    def __init__(self, store: Store, max_batch: int = 256) -> None:
+    def __init__(self, store: Store, max_batch: int = 256, metrics: Metrics | None = None) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._counts = metrics.messages if metrics is not None else None
         self._waiting: dict[Key, Transition] = {}
         self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
@@ -44,6 +48,8 @@ class Recorder:
         queued = self._waiting.get(key)
         if queued is None or advances(queued.state, transition.state):
             self._waiting[key] = transition
+            if self._counts is not None:
+                self._counts[transition.state] += 1
         self._wake.set()
 
     async def write(self, transitions: Sequence[Transition]) -> None:
