@@ -4,46 +4,69 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from tidings.auth import build_authenticator
 from tidings.config import Settings
 from tidings.endpoint import TidingsEndpoint
 from tidings.engine import open_engine
 from tidings.engine.mongo.presence import PRESENCE_TTL
+from tidings.exposition import metrics_route, metrics_server
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
+from tidings.metrics import Metrics
 from tidings.recorder import Recorder
 from tidings.services import Services
+from tidings.timed import TimedStore
 
 log = logging.getLogger("tidings.app")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    """The Tidings ASGI app. Nothing is connected until its lifespan starts."""
+    """The Tidings ASGI app. Nothing is connected until its lifespan starts.
+
+    ``/metrics`` is one of its routes, unless ``metrics_port`` is set: then the
+    lifespan serves it on that port alone.
+    """
     settings = settings or Settings()
     authenticator = build_authenticator(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_engine(settings) as engine:
+        async with open_engine(settings) as opened:
+            # Every store call of the core is timed at the seam; the engine opens
+            # and closes its own store, untimed.
+            engine = dataclasses.replace(opened, store=TimedStore(opened.store, metrics))
             hub = Hub(engine.feed)
-            recorder = Recorder(engine.store)
+            recorder = Recorder(engine.store, metrics=metrics)
             services = Services(
                 settings=settings,
                 engine=engine,
                 hub=hub,
                 recorder=recorder,
                 handlers=Handlers(
-                    engine.store, engine.presence, recorder, settings.max_content_chars
+                    engine.store,
+                    engine.presence,
+                    recorder,
+                    settings.max_content_chars,
+                    metrics=metrics,
                 ),
                 authenticator=authenticator,
+                metrics=metrics,
+            )
+            metrics.bind(
+                connections=lambda: [connection.session for connection in services.connections],
+                users=hub.users,
+                draining=lambda: services.draining,
+                feed=engine.feed,
             )
             app.state.services = services
             tasks = [
@@ -52,8 +75,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 asyncio.create_task(_keep_presence(services), name="presence"),
             ]
             log.info("started", extra={"store": engine.name})
+            exposing: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+            if settings.metrics_port is not None:
+                exposing = metrics_server(metrics, settings.host, settings.metrics_port)
             try:
-                yield
+                async with exposing:
+                    yield
             finally:
                 services.draining = True
                 # The recorder goes last: on its way out it writes what still waits.
@@ -63,14 +90,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         await task
                 log.info("stopped")
 
-    return Starlette(
-        routes=[
-            WebSocketRoute("/ws", TidingsEndpoint),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-        ],
-        lifespan=lifespan,
-    )
+    routes: list[BaseRoute] = [
+        WebSocketRoute("/ws", TidingsEndpoint),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+    ]
+    if settings.metrics_port is None:
+        routes.append(metrics_route(metrics))
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 async def _keep_presence(services: Services) -> None:

@@ -77,6 +77,7 @@ class TidingsEndpoint(WebSocketEndpoint):
                     await connection.handler
             services.connections.discard(connection)
             await session.stop()
+            services.metrics.connection_closed(close_code)
             log.info("connection_closed", extra={**session.log_fields, "code": close_code})
 
     async def _admit(self, websocket: WebSocket, services: Services) -> Principal | None:
@@ -85,6 +86,7 @@ class TidingsEndpoint(WebSocketEndpoint):
         The client hears only a generic status; the server log says why.
         """
         if services.draining:
+            services.metrics.handshake_refused(503)
             await deny(websocket, 503, "shutting down; reconnect to another server")
             return None
         try:
@@ -96,6 +98,7 @@ class TidingsEndpoint(WebSocketEndpoint):
             return services.authenticator.authenticate(websocket)
         except AuthFailed as exc:
             log.warning("handshake_refused", extra={"reason": str(exc)})
+            services.metrics.handshake_refused(403)
             await deny(websocket, 403, "forbidden")
             return None
 
@@ -115,7 +118,9 @@ class TidingsEndpoint(WebSocketEndpoint):
             queue_size=settings.send_queue_size,
             backlog_batch=settings.backlog_batch,
             write_timeout=settings.close_timeout,
+            metrics=services.metrics,
         )
+        services.metrics.opened += 1
         session.start(settings.identify_timeout)
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         if principal.expires_at is not None:
@@ -133,6 +138,8 @@ class TidingsEndpoint(WebSocketEndpoint):
         """Handle what was read, until nothing waits; the next frame starts this again."""
         settings = services.settings
         bucket = self.bucket
+        metrics = services.metrics
+        frames_in = metrics.frames_in
         batch: list[ClientFrame] = []
 
         async def flush() -> None:
@@ -150,9 +157,13 @@ class TidingsEndpoint(WebSocketEndpoint):
                     try:
                         frame = _parse(bucket, settings, raw)
                     except ClientError as exc:
+                        frames_in["invalid"] += 1
+                        if exc.code is ErrorCode.RATE_LIMITED:
+                            metrics.rate_limited += 1
                         await flush()  # Answers go out in the order the frames came.
                         self._refuse(session, exc)
                         continue
+                    frames_in[frame.type] += 1
                     if batch and not (type(frame) is type(batch[0]) and _batches(frame)):
                         await flush()
                     batch.append(frame)

@@ -19,6 +19,12 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """200 only while the database answers and the change feed runs; 503 with why not."""
     services: Services = request.app.state.services
+    response = await _readiness(services)
+    services.metrics.readiness(response.status_code == 200)
+    return response
+
+
+async def _readiness(services: Services) -> Response:
     if services.draining:
         return _unready("draining: the server is shutting down")
     feed = services.engine.feed

@@ -13,6 +13,7 @@ from tidings.engine import Engine
 from tidings.errors import CloseCode
 from tidings.handlers import Handlers
 from tidings.hub import Hub
+from tidings.metrics import Metrics
 from tidings.recorder import Recorder
 
 log = logging.getLogger("tidings.services")
@@ -31,6 +32,8 @@ class Services:
     draining: bool = False
     # Every open connection, so that a drain can finish them all.
     connections: set[Connection] = field(default_factory=set)
+    # What /metrics reports; the app's own, made by create_app.
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def drain(self) -> None:
         """Turn not-ready, stop taking frames, finish what is in hand, close every connection.

@@ -12,6 +12,7 @@ from typing import Any
 from tidings.engine import Presence, Store
 from tidings.errors import CloseCode, StoreUnavailable
 from tidings.hub import Hub
+from tidings.metrics import Metrics
 from tidings.models import Message, Position, User
 from tidings.outbox import Outbox, Transport
 from tidings.protocol import state_frame
@@ -46,6 +47,7 @@ class Session:
         "_hub",
         "_joining",
         "_last",
+        "_metrics",
         "_outbox",
         "_pending",
         "_presence",
@@ -71,8 +73,10 @@ class Session:
         queue_size: int,
         backlog_batch: int,
         write_timeout: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._conn_id = conn_id
+        self._metrics = metrics
         self._transport = transport
         self._store = store
         self._presence = presence
@@ -87,6 +91,7 @@ class Session:
             spawn=self._spawn,
             on_progress=self._progress,
             on_stuck=self._cut,
+            metrics=metrics,
         )
         self.user: User | None = None
         self._since: Position | None = None
@@ -102,6 +107,11 @@ class Session:
         self._stream: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._closed: asyncio.Event | None = None
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be written to the client."""
+        return len(self._outbox)
 
     @property
     def conn_id(self) -> str:
@@ -237,7 +247,7 @@ class Session:
             page = await self._store.backlog(email, self._since, after, self._backlog_batch)
             for message in page:
                 await self._outbox.room()  # The backlog goes at the pace the client reads.
-                self._outbox.push_message(message)
+                self._outbox.push_message(message, backlog=True)
                 self._last = message.position
             count += len(page)
             if len(page) < self._backlog_batch:
@@ -274,6 +284,8 @@ class Session:
         if self._outbox.closed:
             return
         self._outbox.close()
+        if self._metrics is not None:
+            self._metrics.slow_consumers += 1
         log.warning("slow_consumer", extra={**self.log_fields, "queued": len(self._outbox)})
         reason = f"slow consumer: {why}"
         self._spawn(functools.partial(self._shut, CloseCode.POLICY_VIOLATION, reason))
