@@ -72,6 +72,10 @@ async def test_a_conversation_moves_the_counters_it_should() -> None:
             assert await alice.states("m1", until="sent") == ["received", "stored", "sent"]
             await bob.send({"type": "ack", "id": "m1"})
             assert await alice.states("m1", until="delivered") == ["delivered"]
+            await bob.send({"type": "read", "id": "m1"})
+            assert await alice.states("m1", until="read") == ["read"]
+            await alice.send_message("nobody@example.com", "anyone there?", id="m2")
+            assert await alice.states("m2", until="failed") == ["received", "failed"]
             await bob.send("this is not JSON")
             assert (await bob.recv())["code"] == "bad_json"
 
@@ -93,19 +97,20 @@ async def test_a_conversation_moves_the_counters_it_should() -> None:
 
     frames_in = "tidings_frames_received_total"
     assert chat(frames_in, type="#email") == 3
-    assert chat(frames_in, type="message") == 1
+    assert chat(frames_in, type="message") == 2
     assert chat(frames_in, type="ack") == 1
+    assert chat(frames_in, type="read") == 1
     assert chat(frames_in, type="#ping") == 40 - limited
     assert chat(frames_in, type="invalid") == 1 + limited
     frames_out = "tidings_frames_sent_total"
     assert chat(frames_out, type="message") == 1
-    assert chat(frames_out, type="state") == 4  # received, stored, sent, delivered
+    assert chat(frames_out, type="state") == 7  # m1: received to read; m2: received, failed
     assert chat(frames_out, type="#email") == 3
     assert chat(frames_out, type="#pong") == 40 - limited
     assert chat(frames_out, type="error") == 1 + limited
-    for state in ("received", "stored", "sent", "delivered"):
+    for state in ("stored", "sent", "delivered", "read", "failed"):
         assert chat("tidings_messages_total", state=state) == 1, state
-    assert chat("tidings_messages_total", state="read") == 0
+    assert chat("tidings_messages_total", state="received") == 2
     assert chat("tidings_error_frames_total", code="bad_json") == 1
     assert chat("tidings_error_frames_total", code="rate_limited") == limited
     assert chat("tidings_rate_limited_frames_total") == limited
@@ -118,7 +123,8 @@ async def test_a_conversation_moves_the_counters_it_should() -> None:
     store = "tidings_store_operation_duration_seconds_count"
     assert chat(store, operation="send") == 1
     assert chat(store, operation="ensure_user") == 3
-    assert chat(store, operation="find_inbox") == 1
+    assert chat(store, operation="find_inbox") == 2
+    assert chat(store, operation="find_user") == 1
     assert chat(store, operation="backlog") >= 3
     assert chat(store, operation="record") >= 1
     assert chat("tidings_store_errors_total", operation="send") == 0

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from tests.fakes import TIMEOUT, FakeTransport, GoneTransport, message, spin, until
+from tidings.errors import ErrorCode
+from tidings.metrics import Metrics
 from tidings.models import Transition
 from tidings.outbox import BURST, TOLD, Outbox
 from tidings.protocol import MessageState
@@ -40,6 +42,7 @@ class Owner:
         transport: FakeTransport | None = None,
         queue_size: int = 64,
         write_timeout: float = TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> tuple[Outbox, FakeTransport]:
         transport = transport or FakeTransport()
         outbox = Outbox(
@@ -50,6 +53,7 @@ class Owner:
             spawn=self.spawn,
             on_progress=self.progressed,
             on_stuck=self.stuck_client,
+            metrics=metrics,
         )
         self.outboxes.append(outbox)
         return outbox, transport
@@ -398,3 +402,41 @@ async def test_flush_gives_up_after_its_time(owner: Owner) -> None:
     await asyncio.wait_for(outbox.flush(0.05), TIMEOUT)
     assert outbox.writing
     assert transport.sent == []
+
+
+# --- what it counts -----------------------------------------------------------------------
+
+
+async def test_frames_are_counted_once_written_and_latency_on_first_delivery_only(
+    owner: Owner,
+) -> None:
+    metrics = Metrics()
+    outbox, transport = owner.outbox(metrics=metrics)
+    outbox.push_message(message("m1", position=1))  # live
+    outbox.push_message(message("m2", position=2), backlog=True)
+    outbox.push_message(message("m0", state=MessageState.SENT))  # a redelivery
+    outbox.push(state("m9", "delivered"))
+    outbox.push({"type": "error", "code": ErrorCode.NOT_FOUND.value, "message": "no", "ref": "x"})
+    await rest(outbox, transport)
+    assert metrics.delivery[False].count == 1
+    assert metrics.delivery[True].count == 1
+    assert metrics.frames_out["message"] == 3
+    assert metrics.frames_out["state"] == 1
+    assert metrics.frames_out["error"] == 1
+    assert metrics.frames_out["#pong"] == 1
+    assert metrics.error_frames["not_found"] == 1
+
+
+async def test_a_frame_never_written_is_not_counted_as_sent(owner: Owner) -> None:
+    metrics = Metrics()
+    outbox, transport = owner.outbox(metrics=metrics)
+    transport.flowing.clear()
+    outbox.push({"type": "#pong", "ts": 0})
+    await until(lambda: transport.attempts == 1)
+    outbox.push_message(message("m1"))
+    outbox.close()
+    transport.flowing.set()
+    await until(lambda: not outbox.writing)
+    assert metrics.frames_out["#pong"] == 1
+    assert metrics.frames_out["message"] == 0
+    assert metrics.delivery[False].count == 0
