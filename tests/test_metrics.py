@@ -75,6 +75,8 @@ def test_since_a_moment_ahead_of_this_clock_counts_as_zero() -> None:
     histogram.since(datetime.now(UTC) + timedelta(hours=1))  # another process's clock runs ahead
     assert histogram.sum == 0.0
     assert histogram.cumulative()[0] == ("0.001", 1.0)
+    histogram.since(datetime.now(UTC) - timedelta(hours=2))  # a new moment, not the one kept
+    assert histogram.counts[-1] == 1  # above the top bucket, an hour
 
 
 # --- what a scrape reports -----------------------------------------------------------

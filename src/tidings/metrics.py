@@ -60,12 +60,14 @@ CLOSE_CODES = frozenset({1000, 1001, 1006, 1009} | {int(code) for code in CloseC
 class Histogram:
     """A histogram of seconds without a lock: observed and read on one thread."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("_epoch", "_moment", "bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last is above every bound
         self.sum = 0.0
+        self._moment: datetime | None = None
+        self._epoch = 0.0
 
     def observe(self, seconds: float) -> None:
         """Count one observation."""
@@ -75,7 +77,15 @@ class Histogram:
 
     def since(self, moment: datetime) -> None:
         """Observe the seconds from ``moment`` to now; never below zero, as clocks differ."""
-        self.observe(max(0.0, time.time() - moment.timestamp()))
+        # Per message written: timestamp() is the dearest step, and messages stored
+        # in one millisecond share one datetime (models.utcnow), so the last is kept.
+        if moment is not self._moment:
+            self._moment, self._epoch = moment, moment.timestamp()
+        seconds = time.time() - self._epoch
+        if seconds < 0.0:
+            seconds = 0.0
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
 
     @property
     def count(self) -> int:
