@@ -7,12 +7,15 @@ checked for its count of observations only.
 from __future__ import annotations
 
 import asyncio
+import signal
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import TIMEOUT, client, free_port, serve
+from tests.processes import serving
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -159,6 +162,24 @@ async def test_with_a_metrics_port_they_are_served_there_only_and_stop_with_the_
         async with httpx.AsyncClient(timeout=TIMEOUT) as http:
             assert (await http.get(metrics_url(url))).status_code == 404
             assert (await http.get(own.removesuffix("/metrics") + "/readyz")).status_code == 404
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(own)
+
+
+async def test_the_metrics_server_leaves_sigterm_to_the_drain(tmp_path: Path) -> None:
+    """A second uvicorn in the process must not take the signal that starts the drain."""
+    port = free_port()
+    own = f"http://127.0.0.1:{port}/metrics"
+    async with serving(tmp_path, dev="1", metrics_port=str(port), drain_delay="1") as served:
+        assert (await scrape(own))[("tidings_draining", frozenset())] == 0
+        served.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(TIMEOUT):  # scraped while it drains, then it exits
+            while True:
+                if (await scrape(own))[("tidings_draining", frozenset())] == 1:
+                    break
+                await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(served.process.wait(), TIMEOUT) == 0
     async with httpx.AsyncClient(timeout=TIMEOUT) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get(own)
