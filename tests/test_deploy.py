@@ -443,6 +443,9 @@ async def test_the_installed_console_script_serves_and_passes_the_healthcheck(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert process.stderr is not None
+    # Read as it comes, so that a chatty server never blocks on a full pipe.
+    stderr = asyncio.ensure_future(process.stderr.read())
     try:
         await wait_until_ready(f"http://127.0.0.1:{port}", process)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -458,8 +461,7 @@ async def test_the_installed_console_script_serves_and_passes_the_healthcheck(
             process.kill()
             await process.wait()
             raise
-    assert process.stderr is not None
-    log = (await process.stderr.read()).decode(errors="replace")
+    log = (await asyncio.wait_for(stderr, TIMEOUT)).decode(errors="replace")
     assert process.returncode == 0, f"tidings serve exited {process.returncode}:\n{log}"
     # And the same check fails once nothing answers.
     assert await _healthcheck(final, env) != 0
