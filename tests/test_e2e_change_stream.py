@@ -60,6 +60,7 @@ async def test_an_insert_and_a_receipt_update_in_a_286_gap_reach_both_without_a_
             change_stream_scope=scope,
             # A held getMore must not time out on the client while the test writes.
             mongodb_timeout=TIMEOUT * 3,
+            drain_deadline=TIMEOUT * 10,  # must fit the budget above twice
         )
         async with serve(settings) as url, client(url) as alice, client(url) as bob:
             await alice.identify(ALICE)
