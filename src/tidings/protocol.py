@@ -71,6 +71,10 @@ def _check_id(value: str) -> str:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+# Memoised: every message frame names its recipient, and a busy connection
+# names the same few again and again (3 us a call, 0.1 us from the cache).
+# Bounded (least recently used go first); an address that raises is not kept.
+@functools.lru_cache(maxsize=4096)
 def normalise_email(value: str) -> str:
     """The canonical form of an e-mail address: trimmed, ASCII letters lower-cased.
 
