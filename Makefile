@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # Passed to `python -m bench`: figures and options, e.g. make bench ARGS="m1 --quick".
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest clean bench model soak
+.PHONY: run test lint typecheck pytest tools clean bench model soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) tools
 	$(BIN)/pytest --cov --cov-report=term-missing
+
+# Debian's promtool checks the alert rules' PromQL (tests/test_monitoring.py). It is
+# installed where it can be (as root, through apt-get); elsewhere that test skips and
+# says why. The package brings the Prometheus server too; with no init system here it
+# is not started.
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && \
+		    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }; } || \
+		echo "promtool not installed: tests/test_monitoring.py skips its PromQL check"
 
 ## bench: start Tidings, the baselines and nx-27017 on 127.0.0.1, measure every figure
 ## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png
