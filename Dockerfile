@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# Tidings as a container image: `docker build -t tidings .` (docs/deploy.md).
+# Tidings as a container image: `docker build -t tidings .` (docs/operations.md).
 #
 # Two stages. The build stage installs Tidings and its dependencies into a
 # virtual environment; the final stage is a fresh slim Python with only that

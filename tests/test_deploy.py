@@ -2,7 +2,7 @@
 
 No machine that develops Tidings can build an image or reach a cluster (no
 Docker engine, loopback only), so these tests check what can be checked
-without one (docs/deploy.md):
+without one (docs/operations.md):
 
 - the Dockerfile passes hadolint, and its final stage has what hadolint does
   not check (a non-root numeric USER, a HEALTHCHECK, the OCI labels, no build
