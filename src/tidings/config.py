@@ -20,7 +20,7 @@ SHUTDOWN_MARGIN = 1.0
 
 
 class Settings(BaseSettings):
-    """Everything Tidings can be told from outside; the README documents each one.
+    """Everything Tidings can be told from outside; docs/configuration.md documents each one.
 
     The names of the first block are fixed by the specification because deployments
     rely on them; the rest are Tidings' own knobs with production defaults.
