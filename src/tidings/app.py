@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from tidings.auth import build_authenticator
 from tidings.config import Settings
+from tidings.console import console_routes
 from tidings.endpoint import TidingsEndpoint
 from tidings.engine import open_engine
 from tidings.engine.mongo.presence import PRESENCE_TTL
@@ -94,6 +95,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         WebSocketRoute("/ws", TidingsEndpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        # The web console at `/`: static files under a strict Content-Security-Policy.
+        *console_routes(),
     ]
     if settings.metrics_port is None:
         routes.append(metrics_route(metrics))
