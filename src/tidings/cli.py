@@ -47,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = commands.add_parser("token", help="mint a client token with TIDINGS_JWT_SECRET")
     token.add_argument("--email", required=True, help="the e-mail the token may identify as")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
+    asyncapi = commands.add_parser("asyncapi", help="print the AsyncAPI 3.0 document")
+    asyncapi.add_argument("--output", help="write it to this file (docs/asyncapi.yaml)")
     args = parser.parse_args(argv)
+    if args.command == "asyncapi":
+        # Before the settings: the document does not depend on them.
+        return _asyncapi(args.output)
 
     overrides: dict[str, Any] = {
         key: value
@@ -145,6 +150,19 @@ def _mint(settings: Settings, email: str, ttl: int) -> int:
     except ConfigError as exc:
         print(f"tidings: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _asyncapi(output: str | None) -> int:
+    # Imported here: the generator is not needed to serve.
+    from tidings.asyncapi import render
+
+    text = render()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with open(output, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
     return 0
 
 

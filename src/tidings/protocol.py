@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from tidings.errors import ClientError, ErrorCode
 from tidings.limits import depth
@@ -59,6 +59,8 @@ def earlier_than(state: MessageState) -> list[str]:
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The same rule as a JSON Schema pattern, for docs/asyncapi.yaml.
+ID_PATTERN = f"^{_ID.pattern}$"
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
@@ -91,8 +93,22 @@ def normalise_email(value: str) -> str:
     return email
 
 
-MessageId = Annotated[str, AfterValidator(_check_id)]
-Email = Annotated[str, AfterValidator(normalise_email)]
+# WithJsonSchema only describes the fields in docs/asyncapi.yaml; validation is unchanged.
+MessageId = Annotated[
+    str, AfterValidator(_check_id), WithJsonSchema({"type": "string", "pattern": ID_PATTERN})
+]
+Email = Annotated[
+    str,
+    AfterValidator(normalise_email),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "an e-mail address, local@domain with no white space and at "
+            "most 254 characters once trimmed; its ASCII letters are lower-cased before use",
+            "examples": ["alice@example.com"],
+        }
+    ),
+]
 
 
 class _Frame(BaseModel):
@@ -128,7 +144,11 @@ class SendFrame(_Frame):
 
     type: Literal["message"]
     to: Email
-    content: str = Field(min_length=1)
+    content: str = Field(
+        min_length=1,
+        description="at most TIDINGS_MAX_CONTENT_CHARS (16384) characters; "
+        "a longer one is refused with too_large",
+    )
     id: MessageId | None = None
 
 
