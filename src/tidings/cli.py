@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
+from tidings import chat as terminal
 from tidings.app import create_app
 from tidings.auth import JWTAuthenticator
 from tidings.config import Settings
@@ -49,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
     asyncapi = commands.add_parser("asyncapi", help="print the AsyncAPI 3.0 document")
     asyncapi.add_argument("--output", help="write it to this file (docs/asyncapi.yaml)")
+    terminal.add_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command in terminal.COMMANDS:
+        # Clients need none of the server's settings.
+        return terminal.run(args)
     if args.command == "asyncapi":
         # Before the settings: the document does not depend on them.
         return _asyncapi(args.output)
