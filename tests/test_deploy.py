@@ -450,7 +450,11 @@ async def test_the_installed_console_script_serves_and_passes_the_healthcheck(
         await wait_until_ready(f"http://127.0.0.1:{port}", process)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             response = await http.get("/healthz")
+            # The web console is package data: the installed wheel must carry and serve it.
+            console = [await http.get(path) for path in ("/", "/console.js", "/console.css")]
         assert (response.status_code, response.text) == (200, "ok")
+        assert [page.status_code for page in console] == [200, 200, 200]
+        assert "<title>Tidings console</title>" in console[0].text
         assert await _healthcheck(final, env) == 0
     finally:
         if process.returncode is None:
