@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
+from tests.contract import server_frame
 from tidings.app import create_app
 from tidings.cli import server_config
 from tidings.config import Settings
@@ -66,10 +67,12 @@ class Client:
         await self.ws.send(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
 
     async def recv(self, within: float = TIMEOUT) -> dict[str, Any]:
-        """The next frame, decoded; ``TimeoutError`` if none comes ``within`` seconds."""
-        raw = await asyncio.wait_for(self.ws.recv(), within)
-        frame: dict[str, Any] = orjson.loads(raw)
-        return frame
+        """The next frame, decoded; ``TimeoutError`` if none comes ``within`` seconds.
+
+        Every frame is checked against docs/asyncapi.yaml, so each test that reads
+        frames also checks that the server sends what the contract says.
+        """
+        return server_frame(await asyncio.wait_for(self.ws.recv(), within))
 
     async def recv_until(
         self, accept: Callable[[dict[str, Any]], bool], within: float = TIMEOUT
@@ -100,7 +103,7 @@ class Client:
         try:
             async with asyncio.timeout(within):
                 while True:
-                    frame = orjson.loads(await self.ws.recv())
+                    frame = server_frame(await self.ws.recv())
                     if into is not None:
                         into.append(frame)
         except ConnectionClosed as closed:

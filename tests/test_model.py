@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from websockets.sync.client import ClientConnection, connect
 
+from tests.contract import server_frame
 from tests.helpers import TIMEOUT, ThreadedServer
 from tests.mongo import NxServer
 from tidings.config import Settings
@@ -119,7 +120,7 @@ class Protocol(RuleBasedStateMachine):
             assert frame["type"] in ("#pong", "#email"), frame
 
     def recv(self, conn: Connection, timeout: float = TIMEOUT) -> dict[str, Any]:
-        frame: dict[str, Any] = json.loads(conn.ws.recv(timeout=timeout))
+        frame = server_frame(conn.ws.recv(timeout=timeout))
         self.take(conn, frame)
         return frame
 

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
+from tests.contract import server_frame
 from tests.helpers import TIMEOUT, ThreadedServer
 from tidings.config import Settings
 from tidings.models import collection_for
@@ -45,7 +46,7 @@ def frames(ws: ClientConnection, until: dict[str, Any]) -> list[dict[str, Any]]:
     """Frames up to and including ``until``."""
     seen: list[dict[str, Any]] = []
     while True:
-        seen.append(json.loads(ws.recv(timeout=TIMEOUT)))
+        seen.append(server_frame(ws.recv(timeout=TIMEOUT)))
         if seen[-1] == until:
             return seen
 
