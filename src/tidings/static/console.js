@@ -134,7 +134,7 @@ async function closed(ws, opened, code, reason) {
     return;
   }
   if (!opened && (await refused(ws.url))) {
-    // A browser hides the handshake's HTTP status, but a server that answers /healthz
+    // A browser hides the handshake's HTTP status, but a server that says it is ready
     // yet refused the WebSocket turned us away (403): retrying would not help.
     conn.wanted = false;
     setStatus("closed", "refused by the server");
@@ -158,10 +158,12 @@ async function closed(ws, opened, code, reason) {
 }
 
 async function refused(wsUrl) {
-  const health = new URL("healthz", wsUrl.replace(/^ws/, "http"));
+  // /readyz, not /healthz: a draining server still answers /healthz, but refuses
+  // handshakes with 503 and says 503 here too, and then the page should reconnect.
+  const ready = new URL("readyz", wsUrl.replace(/^ws/, "http"));
   try {
-    const response = await fetch(health, { cache: "no-store" });
-    return response.ok;  // a draining server answers 503 to both: reconnect then
+    const response = await fetch(ready, { cache: "no-store" });
+    return response.ok;
   } catch {
     return false;  // unreachable: reconnect with backoff
   }
@@ -272,6 +274,8 @@ function markRead() {
 function stateChanged(frame) {
   const message = outgoing.get(frame.id);
   if (!message) return;  // a message sent before this page was loaded
+  const time = message.el.querySelector("time");
+  if (frame.state === "stored") time.textContent = new Date(frame.at).toLocaleTimeString();
   if (frame.state === "failed") {
     setState(message, "failed", "failed: " + (frame.reason || frame.code));
   } else if (message.state !== "failed" && rank(frame.state) > rank(message.state)) {
