@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -168,17 +170,18 @@ async def test_unavailable_resends_the_same_id_and_the_message_is_stored_once(
 
     monkeypatch.setattr("tidings.app.open_engine", open_engine)
     sleeps = Sleeps()
-    async with (
-        serve(settings) as url,
-        Client(url, BOB) as bob,
-        Client(url, ALICE, sleep=sleeps, backoff=Backoff(random=lambda: 0.5)) as alice,
-    ):
-        assert await alice.send(BOB, "once", id="u1") == "u1"
-        assert stores[0].calls.count("send") == 2
-        assert sleeps.delays == [0.5 * 0.1]  # one pause, of the first backoff step
-        await alice.send(BOB, "after", id="u2")
-        async with contextlib.aclosing(bob.messages()) as incoming:
-            assert [(await anext(incoming)).id for _ in range(2)] == ["u1", "u2"]
+    async with serve(settings) as url:
+        async with Client(url, BOB):
+            pass  # bob exists, and is offline: no `sent` can answer for the lost reply
+        backoff = Backoff(random=lambda: 0.5)
+        async with Client(url, ALICE, sleep=sleeps, backoff=backoff) as alice:
+            assert await alice.send(BOB, "once", id="u1") == "u1"
+            assert stores[0].calls.count("send") == 2
+            assert sleeps.delays == [0.5 * 0.1]  # one pause, of the first backoff step
+            await alice.send(BOB, "after", id="u2")
+        async with client(url) as bob:  # a raw client: it drops no duplicate
+            await bob.identify(BOB)
+            assert [(await bob.recv())["id"] for _ in range(2)] == ["u1", "u2"]
 
 
 async def test_a_lost_connection_is_resumed_without_losing_or_repeating_a_message(
@@ -333,3 +336,18 @@ async def test_a_restart_close_reconnects_since_the_last_message_taken() -> None
         await until(lambda: bob.reconnects == 1)
     assert [frame.get("since") for frame in identifications] == [None, "m1"]
     assert sleeps.delays == [0.25]
+
+
+async def test_the_example_of_docs_client_md_runs(server: str) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    example = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    example = example.replace("ws://127.0.0.1:8000/ws", server)
+    example = example.replace("asyncio.run(main())", "")
+    namespace: dict[str, Any] = {}
+    exec(compile(example, "docs/client.md", "exec"), namespace)  # noqa: S102
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        await namespace["main"]()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("stored: ")
+    assert lines[1] == "alice@example.com says Hi Bob!"
