@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ import pytest
 
 from tests.helpers import TIMEOUT, free_port, serve
 from tidings.auth import JWTAuthenticator
-from tidings.chat import EXIT_FAILED, EXIT_UNREACHABLE
+from tidings.chat import EXIT_FAILED, EXIT_UNREACHABLE, Chat, send_once
+from tidings.client import Client
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -197,3 +199,21 @@ async def test_two_chats_talk_through_a_real_server(server: str) -> None:
             assert await alice.exit_code() == 0
         bob.type("/quit")
         assert await bob.exit_code() == 0
+
+
+async def test_the_chat_session_in_process(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same code as the processes above, where coverage can see it."""
+    assert await send_once(server, BOB, None, BOB, "me", "b0") == 0
+    assert await send_once(server, ALICE, None, "nobody@example.com", "x") == EXIT_FAILED
+    assert capsys.readouterr().out == "b0\n"
+
+    out = io.StringIO()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    for line in ["", "hello?", "/to nobody", "/help", f"{BOB}: hi bob", "again", "/quit"]:
+        lines.put_nowait(line)
+    async with Client(server, ALICE) as alice:
+        assert await Chat(alice, out).run(lines) == 0  # after both sends were stored
+    shown = out.getvalue()
+    for text in ["to whom?", "usage: /to EMAIL", "#1 ✓ stored", "#2 ✓ stored"]:
+        assert text in shown
+    assert shown.count("leave (or Ctrl-D)") == 2  # the help at the start, and on /help
