@@ -1,6 +1,6 @@
 """The bare baseline: a Starlette app that echoes every text frame.
 
-``python -m bench.echo`` serves it under ``tidings.cli.server_config`` with
+``python -m bench.echo`` serves it under ``tidings.server.server_config`` with
 ``Settings()`` read from the same TIDINGS_* variables as Tidings, so that
 both run with identical uvicorn options (frame limit, pings, compression,
 concurrency limit). ``/readyz`` exists only so that the harness can wait for
@@ -44,8 +44,8 @@ def create_echo_app() -> Starlette:
 def main() -> int:
     """Serve the echo app with Tidings' uvicorn configuration."""
     raise_nofile_limit()
-    from tidings.cli import server_config
     from tidings.config import Settings
+    from tidings.server import server_config
 
     uvicorn.Server(server_config(create_echo_app(), Settings())).run()
     return 0

@@ -18,8 +18,8 @@ from websockets.frames import Close
 
 from tests.contract import server_frame
 from tidings.app import create_app
-from tidings.cli import server_config
 from tidings.config import Settings
+from tidings.server import server_config
 
 # Long enough for a loaded CI machine, short enough that a lost frame fails fast.
 TIMEOUT = 10.0
@@ -59,8 +59,12 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
 class Client:
     """A real WebSocket client speaking Tidings' JSON frames."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, contract: bool = True) -> None:
         self.ws = ws
+        # Off only for a server that is not Tidings (the bare apps of test_wsprotocol).
+        self._decode: Callable[[str | bytes], dict[str, Any]] = (
+            server_frame if contract else orjson.loads
+        )
 
     async def send(self, frame: dict[str, Any] | str) -> None:
         """Send a frame: a dict as JSON, a string as it is."""
@@ -72,7 +76,7 @@ class Client:
         Every frame is checked against docs/asyncapi.yaml, so each test that reads
         frames also checks that the server sends what the contract says.
         """
-        return server_frame(await asyncio.wait_for(self.ws.recv(), within))
+        return self._decode(await asyncio.wait_for(self.ws.recv(), within))
 
     async def recv_until(
         self, accept: Callable[[dict[str, Any]], bool], within: float = TIMEOUT
@@ -103,7 +107,7 @@ class Client:
         try:
             async with asyncio.timeout(within):
                 while True:
-                    frame = server_frame(await self.ws.recv())
+                    frame = self._decode(await self.ws.recv())
                     if into is not None:
                         into.append(frame)
         except ConnectionClosed as closed:
@@ -131,10 +135,10 @@ class Client:
 
 
 @asynccontextmanager
-async def client(url: str, **options: Any) -> AsyncIterator[Client]:
-    """Open a WebSocket client to ``url``."""
+async def client(url: str, contract: bool = True, **options: Any) -> AsyncIterator[Client]:
+    """Open a WebSocket client to ``url``; ``contract=False`` for a server that is not Tidings."""
     async with connect(url, open_timeout=TIMEOUT, close_timeout=2, **options) as ws:
-        yield Client(ws)
+        yield Client(ws, contract)
 
 
 class ThreadedServer:

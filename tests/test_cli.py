@@ -12,8 +12,9 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from tidings.auth import JWTAuthenticator
-from tidings.cli import EXIT_DEADLINE, DrainingServer, main, server_config
+from tidings.cli import main
 from tidings.config import Settings
+from tidings.server import EXIT_DEADLINE, DrainingServer, server_config
 
 SECRET = "k" * 40
 

@@ -23,8 +23,8 @@ from tests.helpers import TIMEOUT, client, free_port
 from tests.mongo import NxServer
 from tests.processes import serving, wait_until_ready
 from tests.test_e2e_mongo import wait_for_readiness
-from tidings.cli import EXIT_DEADLINE
 from tidings.models import collection_for
+from tidings.server import EXIT_DEADLINE
 
 pytestmark = pytest.mark.e2e
 
