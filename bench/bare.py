@@ -10,7 +10,11 @@ Modes:
   the measured run has senders (M2);
 - ``watch``: one collection ``watch()``, ``try_next()`` polled with a pause
   when it returns nothing (as Tidings polls), while another task inserts at a
-  fixed rate: insert→change-event latency (M3);
+  fixed rate: insert→change-event latency (M3). With ``--streams N`` it also
+  follows N - 1 other collections, written to by nobody, polled the same way:
+  Tidings on nx-27017 follows one stream per identified user (collection
+  scope), and nx-27017 serves every poll of them on the thread that serves the
+  inserts;
 - ``flat``: the flat-inbox queries on a collection of N documents and on an
   empty one: inserts, backlog reads, ack look-ups and updates (flat inbox).
 
@@ -32,6 +36,7 @@ from typing import Any
 import orjson
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -110,33 +115,45 @@ async def insert_rate(
 
 
 async def watch_latency(
-    db: AsyncDatabase[Document], rate: float, duration: float, drain: float
+    db: AsyncDatabase[Document], rate: float, duration: float, drain: float, streams: int = 1
 ) -> Document:
     """Insert at ``rate``/s for ``duration`` s into one watched collection; latency
-    from when each insert was due to when its change event came out of ``try_next``."""
+    from when each insert was due to when its change event came out of ``try_next``.
+
+    ``streams`` - 1 other collections, into which nothing is written, are
+    followed alongside, polled the same way."""
     coll = await _collection(db, "watched")
+    idle = [await _collection(db, f"idle{i}") for i in range(1, max(1, streams))]
     loop = asyncio.get_running_loop()
     total = max(1, int(rate * duration))
     due: dict[int, float] = {}
     latencies: dict[int, float] = {}
     got_all = asyncio.Event()
-    stream = await coll.watch(full_document="updateLookup", max_await_time_ms=1000)
+    watches = [
+        await c.watch(full_document="updateLookup", max_await_time_ms=1000) for c in [coll, *idle]
+    ]
 
-    async def follow() -> None:
+    def measure(change: Document) -> None:
+        seq = (change.get("fullDocument") or {}).get("seq")
+        if isinstance(seq, int) and seq in due and seq not in latencies:
+            latencies[seq] = loop.time() - due[seq]
+            if len(latencies) >= total:
+                got_all.set()
+
+    async def follow(
+        stream: AsyncChangeStream[Document], on_change: Callable[[Document], None]
+    ) -> None:
         while stream.alive:
             change = await stream.try_next()
             if change is None:
                 await asyncio.sleep(IDLE_PAUSE)
                 continue
-            seq = (change.get("fullDocument") or {}).get("seq")
-            if isinstance(seq, int) and seq in due and seq not in latencies:
-                latencies[seq] = loop.time() - due[seq]
-                if len(latencies) >= total:
-                    got_all.set()
+            on_change(change)
             # try_next() does not yield within a batch; let the inserter run.
             await asyncio.sleep(0)
 
-    follower = asyncio.create_task(follow())
+    followers = [asyncio.create_task(follow(watches[0], measure))]
+    followers += [asyncio.create_task(follow(s, lambda change: None)) for s in watches[1:]]
     inserts: set[asyncio.Task[object]] = set()
     start = loop.time() + 0.05
     lag = 0.0
@@ -151,15 +168,19 @@ async def watch_latency(
         inserts.add(loop.create_task(coll.insert_one(inbox_doc(f"w{i}", seq=i))))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(got_all.wait(), max(0.0, start + duration + drain - loop.time()))
-    follower.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follower
+    for follower in followers:
+        follower.cancel()
+    for follower in followers:
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
     await asyncio.gather(*inserts, return_exceptions=True)
-    await stream.close()
+    for stream in watches:
+        await stream.close()
     values = list(latencies.values())
     p50, p99 = percentile(values, 50), percentile(values, 99)
     return {
         "rate": rate,
+        "streams": len(watches),
         "expected": total,
         "received": len(values),
         "timed_out": len(values) < total,
@@ -250,7 +271,7 @@ async def _main(args: argparse.Namespace) -> Document:
         if args.mode == "insert":
             return await insert_rate(db, args.tasks, args.count, args.budget)
         if args.mode == "watch":
-            return await watch_latency(db, args.rate, args.duration, args.drain)
+            return await watch_latency(db, args.rate, args.duration, args.drain, args.streams)
         return await flat(db, args.preloaded, args.pending, args.count, args.finds)
     finally:
         await client.close()
@@ -268,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--drain", type=float, default=20.0)
+    parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--preloaded", type=int, default=0)
     parser.add_argument("--pending", type=int, default=100)
     parser.add_argument("--finds", type=int, default=20)

@@ -78,6 +78,9 @@ async def run_m3(ctx: Context) -> FigureResult:
                 rate=plan.m3_rate,
                 duration=plan.m3_duration,
                 drain=plan.drain,
+                # As many streams as Tidings follows in collection scope: one
+                # per identified user, senders and recipients.
+                streams=2 * plan.m3_pairs,
             )
     except (ServerFailed, LoadError, BareFailed) as exc:
         result.error = str(exc)
@@ -88,7 +91,7 @@ async def run_m3(ctx: Context) -> FigureResult:
     shape = (
         f"{plan.m3_rate:g} msgs/s over {plan.m3_pairs} pairs for {plan.m3_duration:g} s; "
         f"{measured.counted} of {measured.expected} delivered; bare: "
-        f"{bare['received']} of {bare['expected']}"
+        f"{bare['received']} of {bare['expected']}, polling {bare.get('streams', 1)} streams"
     )
     for name, q, key, bound in ((M3_P50, 50, "p50_ms", 1.2), (M3_P99, 99, "p99_ms", 1.5)):
         ours = _ms(percentile(latencies, q))
