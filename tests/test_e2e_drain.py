@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.helpers import TIMEOUT, client, free_port
+from tests.helpers import TIMEOUT, client
 from tests.mongo import NxServer
-from tests.processes import serving, wait_until_ready
+from tests.processes import serving
 from tests.test_e2e_mongo import wait_for_readiness
 from tidings.models import collection_for
 from tidings.server import EXIT_DEADLINE
@@ -29,33 +26,20 @@ from tidings.server import EXIT_DEADLINE
 pytestmark = pytest.mark.e2e
 
 
-async def test_sigterm_turns_unready_refuses_new_clients_then_closes_with_1012() -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-    env.update(TIDINGS_DEV="1", TIDINGS_PORT=str(port), TIDINGS_DRAIN_DELAY="3")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tidings.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    url = f"ws://127.0.0.1:{port}/ws"
-    try:
-        await wait_until_ready(f"http://127.0.0.1:{port}", process)
-        async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
-            client(url) as alice,
-            client(url) as bob,
-        ):
+async def test_sigterm_turns_unready_refuses_new_clients_then_closes_with_1012(
+    tmp_path: Path,
+) -> None:
+    async with serving(tmp_path, dev="1", drain_delay="3", log_level="INFO") as served:
+        url = served.url
+        base = url.replace("ws://", "http://").removesuffix("/ws")
+        async with client(url) as alice, client(url) as bob:
             await alice.identify("alice@example.com")
             await bob.identify("bob@example.com")
-            process.send_signal(signal.SIGTERM)
+            served.process.send_signal(signal.SIGTERM)
 
             # Within the drain delay: not ready, new clients refused, old ones served.
-            async with asyncio.timeout(TIMEOUT):
-                while True:
-                    ready = await http.get("/readyz")
-                    if ready.status_code == 503:
-                        break
-                    await asyncio.sleep(0.02)
-            assert "draining" in ready.json()["reason"]
+            ready = await wait_for_readiness(base, 503)
+            assert "draining" in ready["reason"]
             with pytest.raises(InvalidStatus) as refused:
                 async with client(url):
                     pass
@@ -68,14 +52,10 @@ async def test_sigterm_turns_unready_refuses_new_clients_then_closes_with_1012()
                 close = await ws.close_frame()
                 assert close.code == 1012
                 assert "reconnect" in close.reason
-        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    logs = (await process.stderr.read()).decode() if process.stderr else ""
+        await asyncio.wait_for(served.process.wait(), TIMEOUT)  # on its own: exit 0 is checked
     # JSON lines, however the formatter spaces them; anything else (a traceback) is not an event.
-    events = [orjson.loads(line).get("event") for line in logs.splitlines() if line.startswith("{")]
+    lines = served.log.splitlines()
+    events = [orjson.loads(line).get("event") for line in lines if line.startswith("{")]
     assert "draining" in events
 
 

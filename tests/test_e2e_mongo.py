@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import TIMEOUT, client, free_port, serve
+from tests.helpers import TIMEOUT, client, serve
 from tests.mongo import NxServer
+from tests.processes import tidings_serve
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -36,35 +34,11 @@ async def wait_for_readiness(base: str, status: int) -> dict[str, str]:
             await asyncio.sleep(0.1)
 
 
-@asynccontextmanager
-async def app_process(uri: str, database: str) -> AsyncIterator[str]:
-    """``tidings serve`` in a process of its own; yields its ``ws://`` URL once ready."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")},
-        "TIDINGS_DEV": "1",
-        "TIDINGS_MONGODB_URI": uri,
-        "TIDINGS_DATABASE": database,
-        "TIDINGS_CHANGE_STREAM_SCOPE": "collection",
-        "TIDINGS_PORT": str(port),
-        "TIDINGS_LOG_LEVEL": "WARNING",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tidings.cli", "serve", env=env, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        await wait_for_readiness(f"http://127.0.0.1:{port}", 200)
-        yield f"ws://127.0.0.1:{port}/ws"
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), TIMEOUT)
-
-
-async def test_messages_and_states_cross_app_processes(nx: NxServer) -> None:
+async def test_messages_and_states_cross_app_processes(nx: NxServer, tmp_path: Path) -> None:
     database = f"t_{uuid.uuid4().hex[:12]}"
     async with (
-        app_process(nx.uri, database) as one,
-        app_process(nx.uri, database) as two,
+        tidings_serve(nx.uri, database, tmp_path) as one,
+        tidings_serve(nx.uri, database, tmp_path) as two,
         client(one) as alice,
         client(two) as bob,
     ):
