@@ -41,6 +41,8 @@ CHROMIUM_ARGS = [
 # Set it (to anything) to copy the screenshot to docs/console.png, for the README.
 SCREENSHOT_ENV = "TIDINGS_TEST_SCREENSHOT"
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
+# Where every run leaves its screenshot, for CI to collect (build/ is not tracked).
+ARTEFACT = Path(__file__).resolve().parent.parent / "build" / "test-artefacts" / "console.png"
 SECRET = "console-tests-secret-0123456789abcdef"
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -190,6 +192,8 @@ async def test_two_pages_chat_states_tick_to_read_and_a_reload_resumes(
         screenshot = tmp_path / "console.png"
         await alice.screenshot(path=screenshot, full_page=True)
         assert screenshot.stat().st_size > 0
+        ARTEFACT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, ARTEFACT)
         if os.environ.get(SCREENSHOT_ENV):
             shutil.copyfile(screenshot, DOCS_SCREENSHOT)
 
