@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from tidings.errors import ErrorCode
-from tidings.protocol import ID_PATTERN
+from tidings.ids import ID_PATTERN
 
 # What the server sends is already normalised: trimmed and lower-cased, no white space.
 SentEmail = Annotated[

@@ -7,13 +7,13 @@ endpoint turns them into frames.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from tidings.auth import Principal
 from tidings.engine import Presence, Store
 from tidings.errors import ClientError, ErrorCode
+from tidings.ids import new_id
 from tidings.metrics import Metrics
 from tidings.models import Draft, Message, Outcome, Transition, User, utcnow
 from tidings.protocol import (
@@ -132,8 +132,7 @@ class Handlers:
                 f"'content' is {len(frame.content)} characters; the limit is {self._max_content}",
                 frame.id or frame.type,
             )
-        # Server-assigned ids are 22 URL-safe characters, inside the id alphabet.
-        draft = Draft(frame.id or secrets.token_urlsafe(16), frame.to, frame.content)
+        draft = Draft(frame.id or new_id(), frame.to, frame.content)
         session.push(state_frame(draft.id, MessageState.RECEIVED, utcnow()))
         if self._counts is not None:
             self._counts[MessageState.RECEIVED] += 1

@@ -12,6 +12,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from tidings.errors import ClientError, ErrorCode
+from tidings.ids import ID, ID_PATTERN, ID_RULE
 from tidings.limits import depth
 
 
@@ -58,15 +59,12 @@ def earlier_than(state: MessageState) -> list[str]:
     return [s.value for s in _RANK if s is not MessageState.RECEIVED and advances(s, state)]
 
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# The same rule as a JSON Schema pattern, for docs/asyncapi.yaml.
-ID_PATTERN = f"^{_ID.pattern}$"
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 def _check_id(value: str) -> str:
-    if not _ID.fullmatch(value):
-        raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    if not ID.fullmatch(value):
+        raise ValueError(f"must be {ID_RULE}")
     return value
 
 
@@ -219,7 +217,7 @@ def _describe(exc: ValidationError) -> str:
 def _ref(raw: dict[str, Any], kind: str) -> str:
     """What an error frame should point at: the frame's id when it has a usable one."""
     frame_id = raw.get("id")
-    if isinstance(frame_id, str) and _ID.fullmatch(frame_id):
+    if isinstance(frame_id, str) and ID.fullmatch(frame_id):
         return frame_id
     return kind
 

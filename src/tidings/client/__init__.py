@@ -11,7 +11,7 @@ Usage and the choices behind it: docs/client.md.
 """
 
 from tidings.client.backoff import Backoff
-from tidings.client.core import Client, new_id
+from tidings.client.core import Client
 from tidings.client.models import (
     AuthRefused,
     ClientClosed,
@@ -23,6 +23,7 @@ from tidings.client.models import (
     SendTimeout,
     StateChange,
 )
+from tidings.ids import new_id
 
 __all__ = [
     "AuthRefused",

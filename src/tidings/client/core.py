@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
@@ -30,11 +28,11 @@ from tidings.client.models import (
     StateChange,
 )
 from tidings.client.seen import Mark, Seen
+from tidings.ids import ID, ID_RULE, new_id
 
 log = logging.getLogger("tidings.client")
 
 SUBPROTOCOL: Final = Subprotocol("tidings.v1")
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Any of these means the message is durable: states only move forward.
 _STORED: Final = frozenset({"stored", "sent", "delivered", "read"})
 # Codes after which reconnecting the same way would repeat the refusal.
@@ -57,11 +55,6 @@ _RESEND_NOW: Final = _Retry(pause=False)
 _RESEND_LATER: Final = _Retry(pause=True)
 _END: Final = object()
 Outcome = object  # _STORED_OK, a _Retry, or the ClientError to raise
-
-
-def new_id() -> str:
-    """A fresh message id: 22 URL-safe characters, as the server would assign."""
-    return secrets.token_urlsafe(16)
 
 
 class Client:
@@ -173,8 +166,8 @@ class Client:
         :class:`ConnectionEnded`/:class:`ClientClosed` if the client ends first.
         """
         message_id = new_id() if id is None else id
-        if not _ID.fullmatch(message_id):
-            raise ValueError("an id is 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        if not ID.fullmatch(message_id):
+            raise ValueError(f"an id is {ID_RULE}")
         if message_id in self._pending:
             raise ValueError(f"message {message_id!r} is already being sent")
         frame = {"type": "message", "to": to, "content": content, "id": message_id}
