@@ -38,6 +38,8 @@ _RANK = {
 
 # States in which a message still waits for its recipient's client: the backlog.
 PENDING = frozenset({MessageState.STORED, MessageState.SENT})
+# States in which it is owed to nobody any more: retention counts from them.
+FINISHED = frozenset({MessageState.DELIVERED, MessageState.READ})
 
 
 def advances(current: MessageState, new: MessageState) -> bool:

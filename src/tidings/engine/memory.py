@@ -34,7 +34,7 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import PENDING, MessageState, advances
+from tidings.protocol import FINISHED, PENDING, MessageState, advances
 
 __all__ = ["MemoryFeed", "MemoryPresence", "MemoryStore", "memory_engine"]
 
@@ -210,7 +210,7 @@ class MemoryStore:
         inbox.at[position] = now
         if message.state in PENDING and transition.state not in PENDING:
             inbox.left_pending()
-        if self._retention is not None and transition.state not in PENDING:
+        if self._retention is not None and transition.state in FINISHED:
             entry = (now, message.recipient, message.sender, message.id)
             heapq.heappush(self._finished, entry)
         moves = self._moves[message.sender]

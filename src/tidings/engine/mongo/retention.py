@@ -28,7 +28,7 @@ from pymongo.errors import OperationFailure
 
 from tidings.engine.mongo.compat import retime_ttl
 from tidings.engine.mongo.documents import OUTBOX, Document, moved_at
-from tidings.protocol import MessageState
+from tidings.protocol import FINISHED, MessageState
 
 # Set to when a message reached delivered or read; the TTL index reads it.
 DONE = "done"
@@ -36,7 +36,7 @@ RETENTION_INDEX = "retention"
 # MongoDB's answers to an index that exists with the same name or key and other options.
 _INDEX_CONFLICTS = (85, 86)
 _INDEX_NOT_FOUND = 27
-_FINISHED = [MessageState.DELIVERED.value, MessageState.READ.value]
+_FINISHED = sorted(state.value for state in FINISHED)
 
 
 def ttl_seconds(retention: float) -> int:

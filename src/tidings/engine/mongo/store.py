@@ -50,7 +50,7 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import PENDING, MessageState, earlier_than
+from tidings.protocol import FINISHED, MessageState, earlier_than
 
 
 class MongoStore:
@@ -280,7 +280,7 @@ def _advance(kind: str, sender: str, message_id: str, state: MessageState, at: A
     """
     earlier = earlier_than(state)
     changes = {"state": state.value, f"at.{state.value}": at}
-    if state not in PENDING and state is not MessageState.RECEIVED:
+    if state in FINISHED:
         changes[DONE] = at  # the retention index counts from here (retention.py)
     if kind == OUTBOX:
         earlier = [MessageState.RECEIVED.value, *earlier]
