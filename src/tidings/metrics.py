@@ -81,11 +81,7 @@ class Histogram:
         # in one millisecond share one datetime (models.utcnow), so the last is kept.
         if moment is not self._moment:
             self._moment, self._epoch = moment, moment.timestamp()
-        seconds = time.time() - self._epoch
-        if seconds < 0.0:
-            seconds = 0.0
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+        self.observe(max(0.0, time.time() - self._epoch))
 
     @property
     def count(self) -> int:
