@@ -3,12 +3,13 @@
 ``python -m bench.echo`` serves it under ``tidings.server.server_config`` with
 ``Settings()`` read from the same TIDINGS_* variables as Tidings, so that
 both run with identical uvicorn options (frame limit, pings, compression,
-concurrency limit). ``/readyz`` exists only so that the harness can wait for
-it the same way.
+concurrency limit) and the same garbage-collector set-up after start-up.
+``/readyz`` exists only so that the harness can wait for it the same way.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvicorn
@@ -41,13 +42,23 @@ def create_echo_app() -> Starlette:
     return Starlette(routes=[WebSocketRoute("/ws", echo), Route("/readyz", ready)])
 
 
+class EchoServer(uvicorn.Server):
+    """uvicorn, tuned after start-up as ``tidings serve`` is."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        from tidings.server import tune_gc
+
+        await super().startup(sockets)
+        tune_gc()
+
+
 def main() -> int:
     """Serve the echo app with Tidings' uvicorn configuration."""
     raise_nofile_limit()
     from tidings.config import Settings
     from tidings.server import server_config
 
-    uvicorn.Server(server_config(create_echo_app(), Settings())).run()
+    EchoServer(server_config(create_echo_app(), Settings())).run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
@@ -14,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from tidings.auth import JWTAuthenticator
 from tidings.cli import main
 from tidings.config import Settings
-from tidings.server import EXIT_DEADLINE, DrainingServer, server_config
+from tidings.server import EXIT_DEADLINE, GC_THRESHOLD, DrainingServer, server_config, tune_gc
 
 SECRET = "k" * 40
 
@@ -279,3 +280,17 @@ def test_a_signal_before_the_server_started_is_uvicorns_own() -> None:
     server.handle_exit(signal.SIGTERM, None)
     assert server.should_exit
     assert not server.force_exit
+
+
+def test_tune_gc_freezes_what_start_up_made_and_raises_the_threshold() -> None:
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD
+        assert gc.get_threshold()[0] > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        # The test process keeps collecting as it did.
+        gc.unfreeze()
+        gc.set_threshold(*before)

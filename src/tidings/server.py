@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -19,6 +20,14 @@ from tidings.wsprotocol import bounded_close_protocol
 log = logging.getLogger("tidings.server")
 # The exit status when the drain deadline ends the process: not a clean stop.
 EXIT_DEADLINE = 70  # EX_SOFTWARE
+# The collector runs a young-generation pass every GC_THRESHOLD[0] allocations
+# (CPython's default is 700) and a full pass every 100 young passes. A server
+# allocates a few dicts per frame and keeps few of them: at the default, 20
+# pairs x 3,000 messages on the embedded engine spent 1.5 of 13 CPU-seconds in
+# the collector, most of it in nine full passes over every stored message and
+# module object; at this threshold 0.2 s. Cycles are still collected, only in
+# fewer, larger passes (at most this many young objects are waiting).
+GC_THRESHOLD = (10_000, 10, 10)
 
 
 def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
@@ -40,6 +49,18 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         # uvicorn's own protocol waits forever on a peer that stops reading.
         ws=bounded_close_protocol(settings.close_timeout),
     )
+
+
+def tune_gc() -> None:
+    """Set the collector up for serving, once the app has started.
+
+    What exists after start-up (modules, the app, its resources) lives as long
+    as the process, so it is frozen: full passes no longer walk it, which
+    halved their cost. Garbage is collected first, so none of it is kept.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 class DrainingServer(uvicorn.Server):
@@ -71,6 +92,10 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        tune_gc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None:
