@@ -9,10 +9,8 @@ concurrency limit) and the same garbage-collector set-up after start-up.
 
 from __future__ import annotations
 
-import socket
 import sys
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -42,23 +40,13 @@ def create_echo_app() -> Starlette:
     return Starlette(routes=[WebSocketRoute("/ws", echo), Route("/readyz", ready)])
 
 
-class EchoServer(uvicorn.Server):
-    """uvicorn, tuned after start-up as ``tidings serve`` is."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        from tidings.server import tune_gc
-
-        await super().startup(sockets)
-        tune_gc()
-
-
 def main() -> int:
     """Serve the echo app with Tidings' uvicorn configuration."""
     raise_nofile_limit()
     from tidings.config import Settings
-    from tidings.server import server_config
+    from tidings.server import TunedServer, server_config
 
-    EchoServer(server_config(create_echo_app(), Settings())).run()
+    TunedServer(server_config(create_echo_app(), Settings())).run()
     return 0
 
 
