@@ -19,8 +19,8 @@ from websockets.sync.client import ClientConnection, connect
 from tests.contract import server_frame
 from tests.helpers import TIMEOUT, ThreadedServer
 from tidings.config import Settings
+from tidings.emails import normalise_email
 from tidings.models import collection_for
-from tidings.protocol import normalise_email
 
 SECRET = "property-tests-secret-0123456789abcdef"
 VICTIM, FRIEND, ATTACKER = "victim@example.com", "friend@example.com", "attacker@example.com"

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tidings.emails import normalise_email
 from tidings.errors import ClientError, ErrorCode
 from tidings.protocol import (
     AckFrame,
@@ -21,7 +22,6 @@ from tidings.protocol import (
     earlier_than,
     encode,
     error_frame,
-    normalise_email,
     parse_frame,
     rfc3339,
     state_frame,

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from starlette.requests import HTTPConnection
 
 from tidings.config import Settings
+from tidings.emails import normalise_email
 from tidings.errors import AuthFailed, ConfigError
-from tidings.protocol import normalise_email
 
 log = logging.getLogger("tidings.auth")
 

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from tidings import chat as terminal
 from tidings.auth import JWTAuthenticator
 from tidings.config import Settings
+from tidings.emails import normalise_email
 from tidings.errors import ConfigError
-from tidings.protocol import normalise_email
 
 
 def main(argv: Sequence[str] | None = None) -> int:
