@@ -17,8 +17,8 @@ import pytest
 
 from tests.helpers import TIMEOUT, free_port, serve
 from tidings.auth import JWTAuthenticator
-from tidings.chat import EXIT_FAILED, EXIT_UNREACHABLE, Chat, send_once
 from tidings.client import Client
+from tidings.client.chat import EXIT_FAILED, EXIT_UNREACHABLE, Chat, send_once
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e

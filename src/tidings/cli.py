@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tidings import chat as terminal
 from tidings.auth import JWTAuthenticator
+from tidings.client import chat as terminal
 from tidings.config import Settings
 from tidings.emails import normalise_email
 from tidings.errors import ConfigError
