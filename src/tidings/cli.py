@@ -1,19 +1,21 @@
-"""The ``tidings`` command."""
+"""The ``tidings`` command.
+
+``tidings chat`` and ``tidings send`` are clients: this module imports the
+server's modules (and pydantic, for its settings) only in the commands that
+run it, so the clients start without them (``tests/test_package.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from tidings.auth import JWTAuthenticator
 from tidings.client import chat as terminal
-from tidings.config import Settings
-from tidings.emails import normalise_email
-from tidings.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tidings.config import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "asyncapi":
         # Before the settings: the document does not depend on them.
         return _asyncapi(args.output)
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    if args.command == "token":
+        return _mint(settings, args.email, args.ttl)
+    return _serve(settings)
+
+
+def _settings(args: argparse.Namespace) -> Settings | None:
+    """The server's settings, the command line over the environment; ``None`` if invalid."""
+    # Imported here, as is every server module below: ``tidings chat`` and
+    # ``tidings send`` need none of them, nor pydantic.
+    from pydantic import ValidationError
+
+    from tidings.config import Settings
 
     overrides: dict[str, Any] = {
         key: value
@@ -49,18 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key in {"host", "port", "dev"} and value is not None
     }
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except ValidationError as exc:
         print(f"tidings: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
-    if args.command == "token":
-        return _mint(settings, args.email, args.ttl)
-    return _serve(settings)
+        return None
 
 
 def _serve(settings: Settings) -> int:
-    # Imported here: the client commands need neither the server nor its database driver.
     from tidings.app import create_app
+    from tidings.errors import ConfigError
     from tidings.logs import configure_logging
     from tidings.server import DrainingServer, server_config
 
@@ -75,6 +89,10 @@ def _serve(settings: Settings) -> int:
 
 
 def _mint(settings: Settings, email: str, ttl: int) -> int:
+    from tidings.auth import JWTAuthenticator
+    from tidings.emails import normalise_email
+    from tidings.errors import ConfigError
+
     if settings.jwt_secret is None:
         print("tidings: set TIDINGS_JWT_SECRET to mint tokens", file=sys.stderr)
         return 2
