@@ -24,9 +24,10 @@ from tidings.engine.mongo.documents import Document
 from tidings.errors import ConnectionGone, StoreUnavailable
 from tidings.hub import Hub
 from tidings.models import Draft, Message, Outcome, Position, StateChanged, Transition, User
-from tidings.protocol import MessageState
 from tidings.recorder import Recorder
+from tidings.server_frames import change_frame
 from tidings.session import Session
+from tidings.states import MessageState
 
 # Only to keep a broken test from hanging the suite; never a timing assertion.
 TIMEOUT = 10.0
@@ -177,6 +178,7 @@ class FakeSubscriber:
     def __init__(self, conn_id: str) -> None:
         self._conn_id = conn_id
         self.delivered: list[Message] = []
+        self.changes: list[StateChanged] = []
         self.pushed: list[dict[str, Any]] = []
         self.resyncs = 0
         self.resynced_since: list[datetime | None] = []
@@ -188,8 +190,10 @@ class FakeSubscriber:
     def deliver(self, message: Message) -> None:
         self.delivered.append(message)
 
-    def push(self, frame: dict[str, Any]) -> None:
-        self.pushed.append(frame)
+    def changed(self, change: StateChanged) -> None:
+        # Kept as the frame the session would queue, so tests compare what the client sees.
+        self.changes.append(change)
+        self.pushed.append(change_frame(change))
 
     def resync(self, since: datetime | None) -> None:
         self.resyncs += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,13 @@ import yaml
 from jsonschema import Draft7Validator
 
 from tests.contract import DOCUMENT, check_server_frame, resolve, validators
-from tidings import __version__
 from tidings.asyncapi import RECEIVE, SEND, client_frames, render
 from tidings.cli import main
+from tidings.client_frames import _MODELS
 from tidings.errors import ErrorCode
-from tidings.frames import SERVER_FRAMES
 from tidings.models import Message, Position
-from tidings.protocol import _MODELS, MessageState, error_frame, state_frame
+from tidings.server_frames import SERVER_FRAMES, error_frame, message_frame, state_frame
+from tidings.states import MessageState
 
 DATA = Path(__file__).parent / "data"
 PROTOCOL_MD = DOCUMENT.parent / "protocol.md"
@@ -65,7 +66,7 @@ def test_the_official_schema_would_catch_a_broken_document(document: dict[str, A
 
 def test_it_names_the_package_version(document: dict[str, Any]) -> None:
     assert document["asyncapi"] == "3.0.0"
-    assert document["info"]["version"] == __version__
+    assert document["info"]["version"] == metadata.version("tidings")
 
 
 def _messages_of(document: dict[str, Any], operation: str) -> dict[str, dict[str, Any]]:
@@ -114,7 +115,7 @@ def test_the_frame_builders_send_what_the_contract_says() -> None:
         check_server_frame(error_frame(code, "why", "#email"))
     for state in (MessageState.STORED, MessageState.SENT, MessageState.READ):
         message = Message(Position(1), "m1", "a@example.com", "b@example.com", "hi", at, state)
-        check_server_frame(message.frame())
+        check_server_frame(message_frame(message))
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 S = MessageState
 

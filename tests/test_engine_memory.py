@@ -30,7 +30,7 @@ from tidings.models import (
     Stored,
     Transition,
 )
-from tidings.protocol import PENDING, MessageState
+from tidings.states import PENDING, MessageState
 
 
 @contextlib.asynccontextmanager

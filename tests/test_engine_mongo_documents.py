@@ -39,7 +39,7 @@ from tidings.models import (
     Stored,
     collection_for,
 )
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 OID = ObjectId("6a1b2c3d4e5f60718293a4b5")
 SENT_AT = datetime(2026, 11, 26, 23, 20, 58, 770000, tzinfo=UTC)

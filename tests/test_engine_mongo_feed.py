@@ -59,7 +59,8 @@ from tidings.models import (
     Stored,
     collection_for,
 )
-from tidings.protocol import MessageState
+from tidings.server_frames import message_frame
+from tidings.states import MessageState
 
 DAN = "dan@example.com"
 ERIN = "erin@example.com"
@@ -1296,8 +1297,8 @@ class Subscriber(BaseSubscriber):
         super().deliver(message)
         self._monitor.pulse()
 
-    def push(self, frame: dict[str, Any]) -> None:
-        super().push(frame)
+    def changed(self, change: StateChanged) -> None:
+        super().changed(change)
         self._monitor.pulse()
 
     def resync(self, since: datetime | None) -> None:
@@ -1357,7 +1358,7 @@ async def test_hub_delivers_stored_messages_states_and_resyncs(
     assert delivered.position == Position(7)
     assert delivered.id == "hello-1"
     assert delivered.sender == CAROL
-    assert delivered.frame()["sent_at"] == "2026-11-26T23:20:58.770Z"
+    assert message_frame(delivered)["sent_at"] == "2026-11-26T23:20:58.770Z"
     assert bob.pushed == [
         {"type": "state", "id": "to-carol", "state": "delivered", "at": "2026-11-26T23:21:03.125Z"}
     ]

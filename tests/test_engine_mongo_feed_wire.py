@@ -32,7 +32,7 @@ from tests.wire import RESUMABLE, WireMongo
 from tests.wire.changes import token
 from tidings.engine.mongo.feed import MongoChangeFeed
 from tidings.models import FeedEvent, Resync, StateChanged, collection_for
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 Scope = Literal["database", "collection"]
 SCOPES = ["database", "collection"]

@@ -26,7 +26,7 @@ from tidings.engine.mongo.compat import as_datetime
 from tidings.engine.mongo.documents import INBOX, OUTBOX, Document
 from tidings.engine.mongo.retention import DONE, apply_retention
 from tidings.models import Draft, Transition, collection_for, utcnow
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 S = MessageState
 

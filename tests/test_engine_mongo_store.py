@@ -38,7 +38,7 @@ from tidings.engine.mongo.schema import SCHEMA_1_BACKLOG_INDEX, SCHEMA_MARKER
 from tidings.engine.mongo.store import MongoStore
 from tidings.errors import StoreUnavailable
 from tidings.models import Draft, Message, Outcome, Position, Transition, collection_for, utcnow
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 S = MessageState
 

@@ -17,20 +17,21 @@ import pytest
 
 from tests.fakes import ALICE, BOB, CAROL, FakeTransport, World, spin
 from tidings.auth import Principal
-from tidings.errors import ClientError, ErrorCode, StoreUnavailable
-from tidings.handlers import Handlers, KnownUsers
-from tidings.models import Draft, Transition
-from tidings.protocol import (
+from tidings.client_frames import (
     AckFrame,
     ClientFrame,
     EmailFrame,
-    MessageState,
     PingFrame,
     SendFrame,
     UserFrame,
     parse_frame,
 )
+from tidings.errors import ClientError, ErrorCode, StoreUnavailable
+from tidings.handlers import Handlers, KnownUsers
+from tidings.models import Draft, Transition
+from tidings.server_frames import user_record
 from tidings.session import Session
+from tidings.states import MessageState
 
 S = MessageState
 ANYONE = Principal(email=None)
@@ -140,7 +141,7 @@ async def test_email_identifies_and_replies_with_the_user(world: World, handlers
     reply = await transport.recv()
     user = await world.store.inner.find_user(BOB)
     assert user is not None
-    assert reply == {"type": "#email", "email": BOB, "user": {**user.public(), "online": True}}
+    assert reply == {"type": "#email", "email": BOB, "user": user_record(user, online=True)}
     assert session.user == user
     assert world.hub.online() == [BOB]
     assert await world.presence.is_online(BOB)

@@ -16,7 +16,7 @@ import pytest
 from tests.fakes import ALICE, BOB, CAROL, FakeFeed, FakeSubscriber, at, message
 from tidings.hub import Hub
 from tidings.models import Message, Resync, StateChanged, Stored
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 
 def make() -> tuple[Hub, FakeFeed]:

@@ -17,7 +17,7 @@ from tidings.engine.memory import MemoryFeed, memory_engine
 from tidings.errors import StoreUnavailable
 from tidings.metrics import DELIVERY_BUCKETS, STORE_OPERATIONS, Histogram, Metrics
 from tidings.models import Draft, Transition
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 from tidings.timed import TimedStore
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

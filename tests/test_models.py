@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tests.fakes import ALICE, BOB, at, message
 from tidings.models import (
@@ -13,11 +13,10 @@ from tidings.models import (
     StateChanged,
     Stored,
     Transition,
-    User,
     collection_for,
     utcnow,
 )
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 # What MongoDB forbids in a collection name.
 FORBIDDEN = re.compile(r"[$\x00]")
@@ -63,45 +62,7 @@ def test_utcnow_is_aware_utc_truncated_to_the_millisecond() -> None:
         assert before - timedelta(milliseconds=1) < now <= after
 
 
-# --- User -------------------------------------------------------------------------------
-
-
-def test_user_public_is_the_protocol_user_object() -> None:
-    user = User(id="u1", email=ALICE, name="alice", collection=collection_for(ALICE))
-    assert user.public() == {
-        "id": "u1",
-        "email": ALICE,
-        "name": "alice",
-        "collection": collection_for(ALICE),
-        "online": False,
-    }
-    online = dataclasses.replace(user, online=True)
-    assert online.public()["online"] is True
-    assert user.public()["online"] is False
-
-
 # --- Message ----------------------------------------------------------------------------
-
-
-def test_message_frame_is_the_message_frame_of_the_protocol() -> None:
-    sent = message(mid="m2", sender=ALICE, recipient=BOB, state=MessageState.SENT, position=8)
-    assert sent.frame() == {
-        "type": "message",
-        "id": "m2",
-        "from": ALICE,
-        "to": BOB,
-        "content": "hello",
-        "sent_at": "2026-01-02T03:04:00.567Z",
-        "state": "sent",
-    }
-
-
-def test_message_frame_writes_naive_and_other_zone_times_in_utc() -> None:
-    naive = dataclasses.replace(message(), sent_at=datetime(2026, 1, 2, 3, 4, 0, 567000))
-    assert naive.frame()["sent_at"] == "2026-01-02T03:04:00.567Z"
-    zone = datetime(2026, 1, 2, 7, 4, 0, 567890, tzinfo=timezone(timedelta(hours=2)))
-    shifted = dataclasses.replace(message(), sent_at=zone)
-    assert shifted.frame()["sent_at"] == "2026-01-02T05:04:00.567Z"
 
 
 def test_keys_name_a_message_by_sender_and_id() -> None:

@@ -21,7 +21,8 @@ from tidings.errors import ErrorCode
 from tidings.metrics import Metrics
 from tidings.models import Transition
 from tidings.outbox import BURST, TOLD, Outbox
-from tidings.protocol import MessageState
+from tidings.server_frames import message_frame
+from tidings.states import MessageState
 
 Frame = dict[str, Any]
 
@@ -128,7 +129,7 @@ async def test_messages_and_frames_share_one_queue_in_order(owner: Owner) -> Non
         ("message", "m2"),
         ("#pong", None),
     ]
-    assert frames[1] == message("m1", position=1).frame()
+    assert frames[1] == message_frame(message("m1", position=1))
 
 
 async def test_an_idle_outbox_holds_no_task(owner: Owner) -> None:

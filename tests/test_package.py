@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 
 import pytest
 
@@ -69,6 +70,10 @@ def test_the_package_exports_create_app_and_settings() -> None:
     assert tidings.Settings is Settings
     with pytest.raises(AttributeError, match="no attribute 'serve'"):
         _ = tidings.serve
+
+
+def test_the_version_is_the_installed_one() -> None:
+    assert tidings.__version__ == metadata.version("tidings")
 
 
 def test_the_client_imports_nothing_of_the_server() -> None:

@@ -19,8 +19,8 @@ from tidings.engine import Store
 from tidings.engine.memory import memory_engine
 from tidings.errors import StoreUnavailable
 from tidings.models import Draft, Message, Transition
-from tidings.protocol import MessageState
 from tidings.recorder import Recorder
+from tidings.states import MessageState
 
 S = MessageState
 

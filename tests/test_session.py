@@ -35,8 +35,9 @@ from tests.test_recorder import Gate, Ledger
 from tidings.engine import Presence
 from tidings.errors import CloseCode, StoreUnavailable
 from tidings.models import Draft, Message, Position, Resync, Transition
-from tidings.protocol import MessageState
+from tidings.server_frames import message_frame
 from tidings.session import Session
+from tidings.states import MessageState
 
 S = MessageState
 Frame = dict[str, Any]
@@ -306,7 +307,7 @@ async def test_identify_attaches_sets_presence_and_streams_the_backlog_in_pages(
     session, transport = await identified(world, backlog_batch=2)
     frames = [await transport.recv() for _ in range(5)]
     assert ids(frames) == [m.id for m in stored]
-    assert frames[0] == stored[0].frame()
+    assert frames[0] == message_frame(stored[0])
     assert world.hub.online() == [BOB]
     assert await world.presence.is_online(BOB)
     assert session.user is not None

@@ -9,12 +9,18 @@ if TYPE_CHECKING:
     from tidings.config import Settings
 
 __all__ = ["Settings", "create_app"]
-__version__ = "0.1.0"
+# Declared, not assigned: ``__getattr__`` reads it from the installed metadata,
+# so pyproject.toml is the one place the version is written.
+__version__: str
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: ``tidings.client`` and the terminal commands need
     # neither the server nor its database driver (0.8 s of imports).
+    if name == "__version__":
+        from importlib import metadata
+
+        return metadata.version("tidings")
     if name == "create_app":
         from tidings.app import create_app
 

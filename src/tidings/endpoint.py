@@ -13,6 +13,7 @@ from starlette.endpoints import WebSocketEndpoint
 from starlette.websockets import WebSocket
 
 from tidings.auth import Principal, origin_allowed
+from tidings.client_frames import AckFrame, ClientFrame, SendFrame, parse_frame
 from tidings.config import Settings
 from tidings.connection import Connection, Raw, ReadAhead, SocketTransport, deny
 from tidings.errors import (
@@ -24,7 +25,7 @@ from tidings.errors import (
     StoreUnavailable,
 )
 from tidings.limits import TokenBucket
-from tidings.protocol import AckFrame, ClientFrame, SendFrame, error_frame, parse_frame
+from tidings.server_frames import error_frame
 from tidings.services import Services
 from tidings.session import Session
 

@@ -11,22 +11,16 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from tidings.auth import Principal
+from tidings.client_frames import AckFrame, EmailFrame, PingFrame, SendFrame, UserFrame
 from tidings.engine import Presence, Store
 from tidings.errors import ClientError, ErrorCode
 from tidings.ids import new_id
 from tidings.metrics import Metrics
 from tidings.models import Draft, Message, Outcome, Transition, User, utcnow
-from tidings.protocol import (
-    AckFrame,
-    EmailFrame,
-    MessageState,
-    PingFrame,
-    SendFrame,
-    UserFrame,
-    state_frame,
-)
 from tidings.recorder import Recorder
+from tidings.server_frames import email_reply, pong, state_frame, user_reply
 from tidings.session import Session
+from tidings.states import MessageState
 
 log = logging.getLogger("tidings.handlers")
 
@@ -79,7 +73,7 @@ class Handlers:
     ) -> None:
         """Act on one frame that is neither a message nor an acknowledgement."""
         if isinstance(frame, PingFrame):
-            session.push({"type": "#pong", "ts": frame.ts})
+            session.push(pong(frame.ts))
         elif isinstance(frame, EmailFrame):
             await self._identify(session, principal, frame)
         else:
@@ -109,9 +103,7 @@ class Handlers:
             since = max(message.position for message in found)
         user = await self._store.ensure_user(frame.email)
         self._known.add(user.email)
-        session.push(
-            {"type": "#email", "email": user.email, "user": {**user.public(), "online": True}}
-        )
+        session.push(email_reply(user))
         await session.identify(user, since)
         log.info("identified", extra=session.log_fields)
 
@@ -121,7 +113,7 @@ class Handlers:
         if user is None:
             raise ClientError(ErrorCode.NOT_FOUND, f"no user {frame.email}", frame.type)
         online = await self._presence.is_online(frame.email)
-        session.push({"type": "#user", "user": {**user.public(), "online": online}})
+        session.push(user_reply(user, online))
 
     def draft(self, session: Session, frame: SendFrame) -> Draft:
         """Check a ``message`` frame and answer ``received``; the draft to store."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from tidings.engine import Feed
 from tidings.models import FeedEvent, Message, Resync, StateChanged, Stored
-from tidings.protocol import MessageState, state_frame
+from tidings.states import MessageState
 
 log = logging.getLogger("tidings.hub")
 
@@ -23,8 +23,8 @@ class Subscriber(Protocol):
     def deliver(self, message: Message) -> None:
         """A message addressed to this subscriber's user was stored."""
 
-    def push(self, frame: dict[str, Any]) -> None:
-        """A frame for this subscriber's user, such as a state change."""
+    def changed(self, change: StateChanged) -> None:
+        """A message this subscriber's user sent moved to a new state."""
 
     def resync(self, since: datetime | None) -> None:
         """The feed may have missed changes: re-read the backlog, and states from ``since``."""
@@ -81,11 +81,10 @@ class Hub:
             for session in list(self._sessions.get(event.message.recipient, ())):
                 session.deliver(event.message)
         elif isinstance(event, StateChanged):
-            frame = state_frame(event.id, event.state, event.at)
             origin = event.origin if event.state is MessageState.STORED else None
             for session in list(self._sessions.get(event.sender, ())):
                 if session.conn_id != origin:
-                    session.push(frame)
+                    session.changed(event)
         elif isinstance(event, Resync):
             log.warning("resync", extra={"reason": event.reason, "email": event.email})
             for email, sessions in list(self._sessions.items()):

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from tidings.engine.base import Feed
 from tidings.errors import CloseCode, ErrorCode
-from tidings.protocol import MessageState
 from tidings.scrape import Scrape
+from tidings.states import MessageState
 
 # Store calls take well under a millisecond in memory and a few on a nearby
 # replica set; the top buckets bracket the 5 s database budget.

@@ -11,9 +11,9 @@ import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NewType, TypeVar, dataclass_transform
+from typing import NewType, TypeVar, dataclass_transform
 
-from tidings.protocol import MessageState, rfc3339
+from tidings.states import MessageState
 
 _T = TypeVar("_T")
 
@@ -70,16 +70,6 @@ class User:
     collection: str
     online: bool = False
 
-    def public(self) -> dict[str, Any]:
-        """The USER object of the wire protocol."""
-        return {
-            "id": self.id,
-            "email": self.email,
-            "name": self.name,
-            "collection": self.collection,
-            "online": self.online,
-        }
-
 
 @record
 class Message:
@@ -103,18 +93,6 @@ class Message:
         return Message(
             self.position, self.id, self.sender, self.recipient, self.content, self.sent_at, state
         )
-
-    def frame(self) -> dict[str, Any]:
-        """The ``message`` frame pushed to the recipient."""
-        return {
-            "type": "message",
-            "id": self.id,
-            "from": self.sender,
-            "to": self.recipient,
-            "content": self.content,
-            "sent_at": rfc3339(self.sent_at),
-            "state": self.state.value,
-        }
 
 
 @record

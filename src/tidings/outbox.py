@@ -12,21 +12,17 @@ from typing import Any, Protocol
 from tidings.errors import ConnectionGone
 from tidings.metrics import Histogram, Metrics
 from tidings.models import Message, Transition
-from tidings.protocol import MessageState, encode
+from tidings.server_frames import encode, message_frame
+from tidings.states import RECORDED, MessageState
 
 # Frames waiting in an outbox from which on a ``received`` gives way to its ``stored``.
 BURST = 16
 
 # Message ids whose furthest state an outbox remembers, to keep states forward.
 TOLD = 1024
-# The recorded states in their order, by the value a state frame carries: the
-# path of every state frame, so no enum is made for it.
-_RECORDED = {
-    state.value: rank
-    for rank, state in enumerate(
-        [MessageState.STORED, MessageState.SENT, MessageState.DELIVERED, MessageState.READ]
-    )
-}
+# The recorded states' order, by the value a state frame carries: the path of
+# every state frame, so no enum is made for it.
+_RECORDED = {state.value: rank for rank, state in enumerate(RECORDED)}
 
 # Starts a coroutine function as a task of the outbox's owner, which cancels it on stop.
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], asyncio.Task[None]]
@@ -212,7 +208,7 @@ class Outbox:
         latency = None
         if self._metrics is not None and message.state is MessageState.STORED:
             latency = self._metrics.delivery[backlog]
-        self._append(_Out(encode(message.frame()), message, latency=latency))
+        self._append(_Out(encode(message_frame(message)), message, latency=latency))
 
     async def room(self) -> None:
         """Wait until the queue is not full (or the outbox is closed)."""

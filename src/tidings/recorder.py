@@ -18,7 +18,7 @@ from tidings.engine import Store
 from tidings.errors import StoreUnavailable
 from tidings.metrics import Metrics
 from tidings.models import Transition
-from tidings.protocol import advances
+from tidings.states import advances
 
 log = logging.getLogger("tidings.recorder")
 

@@ -13,10 +13,10 @@ from tidings.engine import Presence, Store
 from tidings.errors import CloseCode, StoreUnavailable
 from tidings.hub import Hub
 from tidings.metrics import Metrics
-from tidings.models import Message, Position, User
+from tidings.models import Message, Position, StateChanged, User
 from tidings.outbox import Outbox, Transport
-from tidings.protocol import state_frame
 from tidings.recorder import Recorder
+from tidings.server_frames import change_frame
 
 log = logging.getLogger("tidings.session")
 
@@ -152,6 +152,10 @@ class Session:
         """Queue a frame for the client without waiting."""
         self._outbox.push(frame)
 
+    def changed(self, change: StateChanged) -> None:
+        """Tell the client that a message it sent moved to a new state."""
+        self._outbox.push(change_frame(change))
+
     def deliver(self, message: Message) -> None:
         """Queue a live message the hub brings, or keep it to be joined to the backlog."""
         if self._joining:
@@ -186,7 +190,7 @@ class Session:
 
     async def _restate(self, email: str, since: datetime) -> None:
         for change in await self._store.states_since(email, since):
-            self._outbox.push(state_frame(change.id, change.state, change.at))
+            self._outbox.push(change_frame(change))
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""

@@ -34,7 +34,7 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import FINISHED, PENDING, MessageState, advances
+from tidings.states import FINISHED, PENDING, MessageState, advances
 
 __all__ = ["MemoryFeed", "MemoryPresence", "MemoryStore", "memory_engine"]
 

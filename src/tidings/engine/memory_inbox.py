@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tidings.models import Message, Position
-from tidings.protocol import PENDING
+from tidings.states import PENDING
 
 # Stale entries a list may hold before it is compacted; below it, compacting
 # would cost more than skipping them.

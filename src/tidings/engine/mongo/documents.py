@@ -31,7 +31,7 @@ from tidings.models import (
     StateChanged,
     Stored,
 )
-from tidings.protocol import MessageState
+from tidings.states import MessageState
 
 Document = dict[str, Any]
 

@@ -28,7 +28,7 @@ from pymongo.errors import OperationFailure
 
 from tidings.engine.mongo.compat import retime_ttl
 from tidings.engine.mongo.documents import OUTBOX, Document, moved_at
-from tidings.protocol import FINISHED, MessageState
+from tidings.states import FINISHED, MessageState
 
 # Set to when a message reached delivered or read; the TTL index reads it.
 DONE = "done"

@@ -50,7 +50,7 @@ from tidings.models import (
     collection_for,
     utcnow,
 )
-from tidings.protocol import FINISHED, MessageState, earlier_than
+from tidings.states import FINISHED, MessageState, earlier_than
 
 
 class MongoStore:

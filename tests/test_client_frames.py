@@ -1,31 +1,16 @@
-"""Wire protocol v1: frame parsing and validation, the state machine, server frames."""
+"""What a client may send: frame parsing and validation (``tidings.client_frames``)."""
 
 from __future__ import annotations
 
-import itertools
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 import pytest
 
+from tidings.client_frames import AckFrame, EmailFrame, PingFrame, SendFrame, UserFrame, parse_frame
 from tidings.emails import normalise_email
 from tidings.errors import ClientError, ErrorCode
-from tidings.protocol import (
-    AckFrame,
-    EmailFrame,
-    MessageState,
-    PingFrame,
-    SendFrame,
-    UserFrame,
-    advances,
-    earlier_than,
-    encode,
-    error_frame,
-    parse_frame,
-    rfc3339,
-    state_frame,
-)
+from tidings.states import MessageState
 
 S = MessageState
 ORDER = [S.RECEIVED, S.STORED, S.SENT, S.DELIVERED, S.READ]
@@ -249,104 +234,6 @@ def test_several_problems_are_all_described() -> None:
     assert "'content'" in error.message
     assert "; " in error.message
     assert "Value error" not in error.message
-
-
-# --- the state machine ------------------------------------------------------------------
-
-
-def expected_advance(current: MessageState, new: MessageState) -> bool:
-    if current is S.FAILED:
-        return False
-    if new is S.FAILED:
-        return current is S.RECEIVED
-    return ORDER.index(new) > ORDER.index(current)
-
-
-@pytest.mark.parametrize(("current", "new"), list(itertools.product(S, S)))
-def test_advances_over_every_pair(current: MessageState, new: MessageState) -> None:
-    assert advances(current, new) is expected_advance(current, new)
-
-
-def test_advances_spot_checks() -> None:
-    assert advances(S.RECEIVED, S.STORED)
-    assert advances(S.STORED, S.READ)
-    assert not advances(S.SENT, S.SENT)
-    assert not advances(S.READ, S.DELIVERED)
-    assert advances(S.RECEIVED, S.FAILED)
-    assert not advances(S.STORED, S.FAILED)
-    assert not advances(S.FAILED, S.READ)
-
-
-@pytest.mark.parametrize("state", list(S))
-def test_earlier_than_every_state(state: MessageState) -> None:
-    expected = [s.value for s in ORDER if s is not S.RECEIVED and expected_advance(s, state)]
-    assert earlier_than(state) == expected
-
-
-def test_earlier_than_values() -> None:
-    assert earlier_than(S.RECEIVED) == []
-    assert earlier_than(S.STORED) == []
-    assert earlier_than(S.SENT) == ["stored"]
-    assert earlier_than(S.DELIVERED) == ["stored", "sent"]
-    assert earlier_than(S.READ) == ["stored", "sent", "delivered"]
-    assert earlier_than(S.FAILED) == []
-
-
-# --- server frames ----------------------------------------------------------------------
-
-
-def test_rfc3339_naive_is_taken_as_utc() -> None:
-    assert rfc3339(datetime(2026, 5, 14, 12, 30, 1, 123456)) == "2026-05-14T12:30:01.123Z"
-
-
-def test_rfc3339_aware_is_converted_to_utc() -> None:
-    cest = timezone(timedelta(hours=2))
-    assert rfc3339(datetime(2026, 5, 14, 14, 30, 1, 5000, tzinfo=cest)) == (
-        "2026-05-14T12:30:01.005Z"
-    )
-    assert rfc3339(datetime(2026, 1, 1, tzinfo=UTC)) == "2026-01-01T00:00:00.000Z"
-
-
-def test_state_frame_without_failure() -> None:
-    moment = datetime(2026, 1, 1, 0, 0, 0, 250000, tzinfo=UTC)
-    assert state_frame("m1", S.SENT, moment) == {
-        "type": "state",
-        "id": "m1",
-        "state": "sent",
-        "at": "2026-01-01T00:00:00.250Z",
-    }
-    # code and reason only belong to ``failed``
-    assert "code" not in state_frame("m1", S.STORED, moment, "not_found", "why")
-
-
-def test_state_frame_failed_carries_code_and_reason() -> None:
-    moment = datetime(2026, 1, 1, tzinfo=UTC)
-    frame_ = state_frame("m1", S.FAILED, moment, "not_found", "no user x@y.z")
-    assert frame_["state"] == "failed"
-    assert (frame_["code"], frame_["reason"]) == ("not_found", "no user x@y.z")
-
-
-def test_state_frame_failed_has_defaults() -> None:
-    frame_ = state_frame("m1", S.FAILED, datetime(2026, 1, 1, tzinfo=UTC))
-    assert frame_["code"] == "internal"
-    assert frame_["reason"] == "the message could not be stored"
-
-
-def test_error_frame() -> None:
-    assert error_frame(ErrorCode.NOT_FOUND, "no such thing", "m1") == {
-        "type": "error",
-        "code": "not_found",
-        "message": "no such thing",
-        "ref": "m1",
-    }
-    assert error_frame(ErrorCode.BAD_JSON, "bad")["ref"] is None
-
-
-def test_encode_is_compact_json_text() -> None:
-    text = encode({"type": "#pong", "ts": None, "n": "é"})
-    assert isinstance(text, str)
-    assert orjson.loads(text) == {"type": "#pong", "ts": None, "n": "é"}
-    assert " " not in text
 
 
 # --- nesting depth ----------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Wire protocol v1: the frames, their validation, and the message state machine."""
+"""What a client may send: the frames of wire protocol v1, and their validation.
+
+What the server sends is in ``server_frames``.
+"""
 
 from __future__ import annotations
 
-import functools
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -14,51 +14,6 @@ from tidings.emails import normalise_email
 from tidings.errors import ClientError, ErrorCode
 from tidings.ids import ID, ID_PATTERN, ID_RULE
 from tidings.limits import depth
-
-
-class MessageState(StrEnum):
-    """Where a message is on its way; states only move forward."""
-
-    RECEIVED = "received"
-    STORED = "stored"
-    SENT = "sent"
-    DELIVERED = "delivered"
-    READ = "read"
-    FAILED = "failed"
-
-
-_RANK = {
-    MessageState.RECEIVED: 0,
-    MessageState.STORED: 1,
-    MessageState.SENT: 2,
-    MessageState.DELIVERED: 3,
-    MessageState.READ: 4,
-}
-
-
-# States in which a message still waits for its recipient's client: the backlog.
-PENDING = frozenset({MessageState.STORED, MessageState.SENT})
-# States in which it is owed to nobody any more: retention counts from them.
-FINISHED = frozenset({MessageState.DELIVERED, MessageState.READ})
-
-
-def advances(current: MessageState, new: MessageState) -> bool:
-    """True when moving from ``current`` to ``new`` is a forward transition.
-
-    ``failed`` is terminal and only reachable before a message is stored; every
-    other state may only be followed by a later one, so stale or repeated
-    transitions are no-ops.
-    """
-    if current is MessageState.FAILED:
-        return False
-    if new is MessageState.FAILED:
-        return current is MessageState.RECEIVED
-    return _RANK[new] > _RANK[current]
-
-
-def earlier_than(state: MessageState) -> list[str]:
-    """The stored states a message may be in for ``state`` to be a step forward."""
-    return [s.value for s in _RANK if s is not MessageState.RECEIVED and advances(s, state)]
 
 
 def _check_id(value: str) -> str:
@@ -196,43 +151,3 @@ def _ref(raw: dict[str, Any], kind: str) -> str:
     if isinstance(frame_id, str) and ID.fullmatch(frame_id):
         return frame_id
     return kind
-
-
-@functools.lru_cache(maxsize=1024)
-def rfc3339(moment: datetime) -> str:
-    """RFC 3339 in UTC with millisecond precision, as MongoDB stores it.
-
-    Memoised: at load, many frames carry the same millisecond.
-    """
-    if moment.tzinfo is None:  # PyMongo hands back naive datetimes that are UTC.
-        moment = moment.replace(tzinfo=UTC)
-    elif moment.utcoffset():
-        moment = moment.astimezone(UTC)
-    # The offset of a UTC time is "+00:00": six characters that become "Z".
-    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def encode(frame: dict[str, Any]) -> str:
-    """Serialise a server frame to the text of a WebSocket frame."""
-    return orjson.dumps(frame).decode()
-
-
-def state_frame(
-    message_id: str,
-    state: MessageState,
-    at: datetime,
-    code: str | None = None,
-    reason: str | None = None,
-) -> dict[str, Any]:
-    """A ``state`` frame; ``failed`` carries the code and reason."""
-    frame: dict[str, Any] = {"type": "state", "id": message_id, "state": state.value}
-    frame["at"] = rfc3339(at)
-    if state is MessageState.FAILED:
-        frame["code"] = code or ErrorCode.INTERNAL.value
-        frame["reason"] = reason or "the message could not be stored"
-    return frame
-
-
-def error_frame(code: ErrorCode, message: str, ref: str | None = None) -> dict[str, Any]:
-    """An ``error`` frame; ``ref`` names the offending frame when there is one."""
-    return {"type": "error", "code": code.value, "message": message, "ref": ref}
