@@ -18,7 +18,7 @@ from mongomock.collection import BulkOperationBuilder
 from mongomock_motor import AsyncMongoMockClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from tidings.engine import Engine, Sink, Store
+from tidings.engine import Engine, FeedHealth, Sink, Store
 from tidings.engine.memory import memory_engine
 from tidings.engine.mongo.documents import Document
 from tidings.errors import ConnectionGone, StoreUnavailable
@@ -150,6 +150,8 @@ class FakeFeed:
         self.unwatched: list[str] = []
         self.readied: list[str] = []
         self._running = running
+        # What ``health`` reports; a test sets it to see it scraped.
+        self.reported = FeedHealth()
 
     @property
     def running(self) -> bool:
@@ -158,6 +160,9 @@ class FakeFeed:
     @property
     def problem(self) -> str | None:
         return None if self._running else "fake feed stopped"
+
+    def health(self) -> FeedHealth:
+        return self.reported
 
     async def run(self, sink: Sink) -> None:
         await asyncio.Event().wait()

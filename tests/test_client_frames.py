@@ -9,7 +9,7 @@ import pytest
 
 from tidings.client_frames import AckFrame, EmailFrame, PingFrame, SendFrame, UserFrame, parse_frame
 from tidings.emails import normalise_email
-from tidings.errors import ClientError, ErrorCode
+from tidings.errors import ErrorCode, FrameRefused
 from tidings.states import MessageState
 
 S = MessageState
@@ -20,8 +20,8 @@ def frame(**fields: Any) -> str:
     return orjson.dumps(fields).decode()
 
 
-def refused(data: str | bytes) -> ClientError:
-    with pytest.raises(ClientError) as info:
+def refused(data: str | bytes) -> FrameRefused:
+    with pytest.raises(FrameRefused) as info:
         parse_frame(data)
     return info.value
 
@@ -248,7 +248,7 @@ def ping_nested(levels: int) -> str:
 
 
 def test_a_frame_nested_deeper_than_the_limit_is_invalid() -> None:
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(FrameRefused) as info:
         parse_frame(ping_nested(6), max_depth=5)
     assert info.value.code is ErrorCode.INVALID
     assert "5 levels" in info.value.message
@@ -270,13 +270,13 @@ def test_the_default_depth_limit_is_32() -> None:
 def test_the_depth_limit_counts_objects_too() -> None:
     ts: Any = {"a": {"b": [{"c": 1}]}}  # 4 levels under the frame: 5 in all
     assert isinstance(parse_frame(frame(type="#ping", ts=ts), max_depth=5), PingFrame)
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(FrameRefused) as info:
         parse_frame(frame(type="#ping", ts=ts), max_depth=4)
     assert "4 levels" in info.value.message
 
 
 def test_the_depth_limit_applies_before_the_type_is_known() -> None:
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(FrameRefused) as info:
         parse_frame(frame(type="no-such-type", x=[[[[]]]]), max_depth=3)
     assert info.value.code is ErrorCode.INVALID
     assert "3 levels" in info.value.message

@@ -708,6 +708,7 @@ async def test_a_poison_event_is_logged_counted_and_skipped(
         assert feed.problem is None
     assert sink.events == [inserted(1), inserted(3)]
     assert feed.poison_events == 1
+    assert feed.health().skipped_events == 1
     assert len(db.calls) == 1  # skipped, not retried by reopening
     [logged] = records(caplog, "feed_event_undecodable")
     assert logged.levelno == logging.ERROR
@@ -881,6 +882,8 @@ async def test_unusable_token_restarts_from_now_then_resyncs(
     assert extra(restarted, "stream") == "*"
     # The failover after the restart was an interruption, and the open after it a resume.
     assert (feed.restarts, feed.interruptions, feed.resumes) == (1, 1, 1)
+    health = feed.health()  # the same counts, as the seam names them for /metrics
+    assert (health.restarts, health.interruptions, health.resumes) == (1, 1, 1)
 
 
 async def test_lag_is_the_time_since_the_stalest_stream_last_answered() -> None:

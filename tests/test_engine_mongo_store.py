@@ -33,7 +33,7 @@ from tidings.engine.mongo.documents import (
     receipt_doc,
     state_of,
 )
-from tidings.engine.mongo.presence import PRESENCE_TTL, Presence
+from tidings.engine.mongo.presence import PRESENCE_TTL, MongoPresence
 from tidings.engine.mongo.schema import SCHEMA_1_BACKLOG_INDEX, SCHEMA_MARKER
 from tidings.engine.mongo.store import MongoStore
 from tidings.errors import StoreUnavailable
@@ -272,7 +272,7 @@ async def test_every_store_method_reports_an_absent_database_as_unavailable(
 async def test_presence_reports_an_absent_database_as_unavailable(
     nowhere: AsyncDatabase[Document],
 ) -> None:
-    presence = Presence(nowhere["presence"])
+    presence = MongoPresence(nowhere["presence"])
     results = await asyncio.gather(
         presence.is_online(ALICE),
         presence.set(ALICE, True),
@@ -567,14 +567,14 @@ def presence_records(mongomock_db: AsyncDatabase[Document]) -> AsyncCollection[D
 async def test_presence_start_makes_its_indexes(
     presence_records: AsyncCollection[Document],
 ) -> None:
-    await Presence(presence_records).start()
+    await MongoPresence(presence_records).start()
     info = await presence_records.index_information()
     assert info["expiry"]["expireAfterSeconds"] == 0
     assert "email" in info
 
 
 async def test_presence_follows_set(presence_records: AsyncCollection[Document]) -> None:
-    presence = Presence(presence_records)
+    presence = MongoPresence(presence_records)
     assert await presence.is_online(ALICE) is False
     await presence.set(ALICE, True)
     assert await presence.is_online(ALICE) is True
@@ -584,7 +584,7 @@ async def test_presence_follows_set(presence_records: AsyncCollection[Document])
 
 
 async def test_presence_is_per_process(presence_records: AsyncCollection[Document]) -> None:
-    one, two = Presence(presence_records), Presence(presence_records)
+    one, two = MongoPresence(presence_records), MongoPresence(presence_records)
     await one.set(ALICE, True)
     await two.set(ALICE, True)
     await one.set(ALICE, False)
@@ -597,7 +597,7 @@ async def test_presence_is_per_process(presence_records: AsyncCollection[Documen
 async def test_an_expired_record_counts_as_offline(
     presence_records: AsyncCollection[Document],
 ) -> None:
-    presence = Presence(presence_records)
+    presence = MongoPresence(presence_records)
     await presence.set(ALICE, True)
     # A crashed process stops refreshing; its record outlives its expiry until
     # the TTL monitor runs, and must already count as offline.
@@ -609,7 +609,7 @@ async def test_an_expired_record_counts_as_offline(
 async def test_refresh_extends_only_this_process_and_these_emails(
     presence_records: AsyncCollection[Document],
 ) -> None:
-    mine, theirs = Presence(presence_records), Presence(presence_records)
+    mine, theirs = MongoPresence(presence_records), MongoPresence(presence_records)
     await mine.set(ALICE, True)
     (my_record,) = await presence_records.find({}).to_list()
     await mine.set(BOB, True)
@@ -627,7 +627,7 @@ async def test_refresh_extends_only_this_process_and_these_emails(
 async def test_refresh_recreates_a_record_a_failed_write_left_out(
     presence_records: AsyncCollection[Document],
 ) -> None:
-    presence = Presence(presence_records)
+    presence = MongoPresence(presence_records)
     await presence.refresh([ALICE])
     assert await presence.is_online(ALICE) is True
 
@@ -635,5 +635,5 @@ async def test_refresh_recreates_a_record_a_failed_write_left_out(
 async def test_refresh_of_nobody_writes_nothing(
     presence_records: AsyncCollection[Document],
 ) -> None:
-    await Presence(presence_records).refresh([])
+    await MongoPresence(presence_records).refresh([])
     assert await presence_records.count_documents({}) == 0

@@ -26,7 +26,7 @@ from tidings.client_frames import (
     UserFrame,
     parse_frame,
 )
-from tidings.errors import ClientError, ErrorCode, StoreUnavailable
+from tidings.errors import ErrorCode, FrameRefused, StoreUnavailable
 from tidings.handlers import Handlers, KnownUsers
 from tidings.models import Draft, Transition
 from tidings.server_frames import user_record
@@ -58,8 +58,8 @@ async def handle(
 
 async def refused(
     handlers: Handlers, session: Session, raw: Frame, principal: Principal = ANYONE
-) -> ClientError:
-    with pytest.raises(ClientError) as info:
+) -> FrameRefused:
+    with pytest.raises(FrameRefused) as info:
         await handle(handlers, session, raw, principal)
     return info.value
 
@@ -77,7 +77,7 @@ async def send(handlers: Handlers, session: Session, *raws: Frame) -> list[Draft
     return drafts
 
 
-async def acknowledge(handlers: Handlers, session: Session, *raws: Frame) -> list[ClientError]:
+async def acknowledge(handlers: Handlers, session: Session, *raws: Frame) -> list[FrameRefused]:
     frames = [frame for frame in map(parse, raws) if isinstance(frame, AckFrame)]
     assert len(frames) == len(raws)
     return await handlers.acknowledge(session, frames)
@@ -271,7 +271,7 @@ async def test_a_draft_without_id_gets_a_server_assigned_one(
 
 async def test_too_large_content_is_refused(world: World, handlers: Handlers) -> None:
     alice, transport = await connect(world, handlers, ALICE)
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(FrameRefused) as info:
         draft(handlers, alice, {"to": BOB, "content": "x" * (LIMIT + 1), "id": "big"})
     assert info.value.code is ErrorCode.TOO_LARGE
     assert info.value.ref == "big"
@@ -283,7 +283,7 @@ async def test_too_large_content_is_refused(world: World, handlers: Handlers) ->
 async def test_a_draft_needs_identification(world: World, handlers: Handlers) -> None:
     session, transport = world.session()
     for raw, ref in (({"to": BOB}, "message"), ({"to": BOB, "id": "m1"}, "m1")):
-        with pytest.raises(ClientError) as info:
+        with pytest.raises(FrameRefused) as info:
             draft(handlers, session, raw)
         assert info.value.code is ErrorCode.NOT_IDENTIFIED
         assert info.value.ref == ref
@@ -537,7 +537,7 @@ async def test_a_stale_ack_changes_nothing(world: World, handlers: Handlers) -> 
 
 async def test_ack_needs_identification(world: World, handlers: Handlers) -> None:
     session, _ = world.session()
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(FrameRefused) as info:
         await acknowledge(handlers, session, {"type": "ack", "id": "m1"})
     assert info.value.code is ErrorCode.NOT_IDENTIFIED
     assert info.value.ref == "m1"

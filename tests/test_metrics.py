@@ -13,19 +13,21 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import ALICE, BOB, FlakyStore
+from tidings.engine import FeedHealth
 from tidings.engine.memory import MemoryFeed, memory_engine
 from tidings.errors import StoreUnavailable
-from tidings.metrics import DELIVERY_BUCKETS, STORE_OPERATIONS, Histogram, Metrics
+from tidings.metrics.counts import DELIVERY_BUCKETS, STORE_OPERATIONS, Histogram, Metrics
+from tidings.metrics.exposition import registry_of
+from tidings.metrics.timed import TimedStore
 from tidings.models import Draft, Transition
 from tidings.states import MessageState
-from tidings.timed import TimedStore
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(metrics: Metrics) -> Samples:
     """Every sample of one scrape, by name and labels."""
-    text = generate_latest(metrics.registry).decode()
+    text = generate_latest(registry_of(metrics)).decode()
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -45,13 +47,10 @@ class Queue:
 
 
 class StatsFeed(MemoryFeed):
-    """A feed that tells about itself, as the MongoDB change feed does."""
+    """A feed with something to tell about itself, as a change feed after trouble."""
 
-    resumes = 3
-    restarts = 2
-    interruptions = 5
-    poison_events = 1
-    lag_seconds = 0.5
+    def health(self) -> FeedHealth:
+        return FeedHealth(lag_seconds=0.5, resumes=3, restarts=2, interruptions=5, skipped_events=1)
 
     @property
     def running(self) -> bool:
@@ -157,7 +156,7 @@ def test_bound_sources_are_read_at_scrape_time() -> None:
     assert value(samples, "tidings_feed_poison_events_total") == 1
 
 
-def test_a_feed_that_tells_nothing_about_itself_reports_zeros() -> None:
+def test_a_feed_with_nothing_to_tell_reports_zeros() -> None:
     metrics = Metrics()
     metrics.bind(connections=list, users=lambda: 0, draining=lambda: False, feed=MemoryFeed())
     samples = scrape(metrics)

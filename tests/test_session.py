@@ -150,6 +150,8 @@ class DownPresence:
     async def refresh(self, emails: Sequence[str]) -> None:
         raise StoreUnavailable("presence: database error: down")
 
+    refresh_interval = None
+
 
 # --- writing through the outbox: frames, and messages marked sent ----------------------
 
@@ -416,6 +418,8 @@ async def test_a_message_stored_while_presence_is_recorded_keeps_its_order(
         async def refresh(self, emails: Sequence[str]) -> None:
             pass
 
+        refresh_interval = None
+
     session, transport = own_session(world, presence=SlowPresence())
     user = await world.store.inner.ensure_user(BOB)
     await session.identify(user, None)
@@ -623,6 +627,10 @@ class CountingPresence:
 
     async def refresh(self, emails: Sequence[str]) -> None:
         await self.inner.refresh(emails)
+
+    @property
+    def refresh_interval(self) -> float | None:
+        return self.inner.refresh_interval
 
 
 async def test_presence_is_set_on_the_first_attach_and_cleared_on_the_last_detach(

@@ -17,15 +17,14 @@ from tidings.config import Settings
 from tidings.console import console_routes
 from tidings.endpoint import TidingsEndpoint
 from tidings.engine import open_engine
-from tidings.engine.mongo.presence import PRESENCE_TTL
-from tidings.exposition import metrics_route, metrics_server
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
 from tidings.metrics import Metrics
+from tidings.metrics.exposition import metrics_route, metrics_server
+from tidings.metrics.timed import TimedStore
 from tidings.recorder import Recorder
 from tidings.services import Services
-from tidings.timed import TimedStore
 
 log = logging.getLogger("tidings.app")
 
@@ -73,8 +72,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tasks = [
                 asyncio.create_task(engine.feed.run(hub.dispatch), name="change-feed"),
                 asyncio.create_task(recorder.run(), name="recorder"),
-                asyncio.create_task(_keep_presence(services), name="presence"),
             ]
+            if (interval := engine.presence.refresh_interval) is not None:
+                tasks.append(
+                    asyncio.create_task(_keep_presence(services, interval), name="presence")
+                )
             log.info("started", extra={"store": engine.name})
             exposing: AbstractAsyncContextManager[None] = contextlib.nullcontext()
             if settings.metrics_port is not None:
@@ -103,10 +105,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _keep_presence(services: Services) -> None:
-    """Refresh this process's presence records well before they expire."""
+async def _keep_presence(services: Services, interval: float) -> None:
+    """Refresh this process's presence records as often as the engine asks."""
     while not services.draining:
-        await asyncio.sleep(PRESENCE_TTL.total_seconds() / 3)
+        await asyncio.sleep(interval)
         try:
             await services.engine.presence.refresh(services.hub.online())
         except Exception:

@@ -11,7 +11,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from tidings.emails import normalise_email
-from tidings.errors import ClientError, ErrorCode
+from tidings.errors import ErrorCode, FrameRefused
 from tidings.ids import ID, ID_PATTERN, ID_RULE
 from tidings.limits import depth
 
@@ -105,33 +105,33 @@ _MODELS: dict[str, type[_Frame]] = {
 
 
 def parse_frame(data: str | bytes, max_depth: int = 32) -> ClientFrame:
-    """Decode and validate one client frame, or raise the ``ClientError`` that says why not."""
+    """Decode and validate one client frame, or raise the ``FrameRefused`` that says why not."""
     if isinstance(data, bytes):
-        raise ClientError(ErrorCode.INVALID, "frames must be JSON text frames, not binary")
+        raise FrameRefused(ErrorCode.INVALID, "frames must be JSON text frames, not binary")
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise ClientError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+        raise FrameRefused(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ClientError(ErrorCode.INVALID, "a frame must be a JSON object with a 'type'")
+        raise FrameRefused(ErrorCode.INVALID, "a frame must be a JSON object with a 'type'")
     # A frame with few brackets cannot nest deeply: counting them is much
     # cheaper than walking the document, and true of nearly every frame.
     brackets = data.count("{") + data.count("[")
     if brackets > max_depth and depth(raw, max_depth) > max_depth:
-        raise ClientError(ErrorCode.INVALID, f"a frame may nest at most {max_depth} levels deep")
+        raise FrameRefused(ErrorCode.INVALID, f"a frame may nest at most {max_depth} levels deep")
     kind = raw.get("type")
     if not isinstance(kind, str):
-        raise ClientError(ErrorCode.INVALID, "a frame needs a string 'type' field")
+        raise FrameRefused(ErrorCode.INVALID, "a frame needs a string 'type' field")
     model = _MODELS.get(kind)
     if model is None:
         known = ", ".join(sorted(_MODELS))
-        raise ClientError(
+        raise FrameRefused(
             ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}; known types: {known}", kind
         )
     try:
         frame = model.model_validate(raw)
     except ValidationError as exc:
-        raise ClientError(ErrorCode.INVALID, _describe(exc), _ref(raw, kind)) from None
+        raise FrameRefused(ErrorCode.INVALID, _describe(exc), _ref(raw, kind)) from None
     assert isinstance(frame, ClientFrame)
     return frame
 

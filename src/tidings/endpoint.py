@@ -18,10 +18,10 @@ from tidings.config import Settings
 from tidings.connection import Connection, Raw, ReadAhead, SocketTransport, deny
 from tidings.errors import (
     AuthFailed,
-    ClientError,
     CloseCode,
     CloseConnection,
     ErrorCode,
+    FrameRefused,
     StoreUnavailable,
 )
 from tidings.limits import TokenBucket
@@ -157,7 +157,7 @@ class TidingsEndpoint(WebSocketEndpoint):
                         break
                     try:
                         frame = _parse(bucket, settings, raw)
-                    except ClientError as exc:
+                    except FrameRefused as exc:
                         frames_in["invalid"] += 1
                         if exc.code is ErrorCode.RATE_LIMITED:
                             metrics.rate_limited += 1
@@ -192,7 +192,7 @@ class TidingsEndpoint(WebSocketEndpoint):
                     assert isinstance(frame, SendFrame)
                     try:
                         drafts.append(handlers.draft(session, frame))
-                    except ClientError as exc:
+                    except FrameRefused as exc:
                         self._refuse(session, exc)
                 refs = [draft.id for draft in drafts]
                 if drafts:
@@ -205,7 +205,7 @@ class TidingsEndpoint(WebSocketEndpoint):
                 (frame,) = batch
                 assert not isinstance(frame, SendFrame | AckFrame)
                 await handlers.handle(session, principal, frame)
-        except ClientError as exc:
+        except FrameRefused as exc:
             self._refuse(session, exc)
         except StoreUnavailable as exc:
             log.warning("store_unavailable", extra={**session.log_fields, "error": str(exc)})
@@ -220,7 +220,7 @@ class TidingsEndpoint(WebSocketEndpoint):
                 )
 
     @staticmethod
-    def _refuse(session: Session, exc: ClientError) -> None:
+    def _refuse(session: Session, exc: FrameRefused) -> None:
         # A flood must not flood the logs too: refusals for rate are DEBUG.
         level = logging.DEBUG if exc.code is ErrorCode.RATE_LIMITED else logging.INFO
         log.log(
@@ -241,7 +241,7 @@ def _parse(bucket: TokenBucket, settings: Settings, raw: Raw) -> ClientFrame:
     if not bucket.take():
         if bucket.strikes > settings.rate_abuse:
             raise CloseConnection(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        raise ClientError(
+        raise FrameRefused(
             ErrorCode.RATE_LIMITED,
             f"over {settings.rate_limit:g} frames a second; this frame was dropped",
         )

@@ -5,15 +5,16 @@
     TidingsError
     ├── ConfigError          the settings cannot run a safe service (exit code 2)
     ├── AuthFailed           a handshake is refused (HTTP 403; the reason goes to the log)
-    ├── ClientError          one frame is refused (an error frame; the connection stays)
+    ├── FrameRefused         one frame is refused (an error frame; the connection stays)
     ├── CloseConnection      abuse or overload ends the connection (a close code)
     ├── StoreUnavailable     the database did not answer in time (``unavailable`` or 1013)
-    ├── StreamClosed         a change stream ended without an invalidate (resumed)
-    └── ConnectionGone       the peer is no longer there to write to
+    ├── ConnectionGone       the peer is no longer there to write to
+    └── (an engine's own)    e.g. ``engine.mongo.errors.StreamClosed``, caught inside it
 
 Lower-level errors are mapped into this tree once, where they arise: database
-errors in the storage engines, socket errors in the endpoint's transport. The
-endpoint is the one place that turns them into error frames and close codes.
+errors in the storage engines (``engine/mongo/errors.py``), socket errors in the
+endpoint's transport. The endpoint is the one place that turns them into error
+frames and close codes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class AuthFailed(TidingsError):
     """A handshake is refused. The message is for the server log, never the client."""
 
 
-class ClientError(TidingsError):
+class FrameRefused(TidingsError):
     """A frame the server will not act on; answered with an error frame.
 
     The connection stays open: only the offending frame is refused.
@@ -83,10 +84,6 @@ class CloseConnection(TidingsError):
 
 class StoreUnavailable(TidingsError):
     """The database did not answer in time; the outcome of a write is unknown."""
-
-
-class StreamClosed(TidingsError):
-    """A change stream ended without an invalidate event; it is resumed, not restarted."""
 
 
 class ConnectionGone(TidingsError):

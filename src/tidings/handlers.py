@@ -1,6 +1,6 @@
 """Handlers: what each client frame does.
 
-Refusals are raised (or, for a batch, returned) as ``ClientError``; the
+Refusals are raised (or, for a batch, returned) as ``FrameRefused``; the
 endpoint turns them into frames.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from tidings.auth import Principal
 from tidings.client_frames import AckFrame, EmailFrame, PingFrame, SendFrame, UserFrame
 from tidings.engine import Presence, Store
-from tidings.errors import ClientError, ErrorCode
+from tidings.errors import ErrorCode, FrameRefused
 from tidings.ids import new_id
 from tidings.metrics import Metrics
 from tidings.models import Draft, Message, Outcome, Transition, User, utcnow
@@ -81,21 +81,21 @@ class Handlers:
 
     async def _identify(self, session: Session, principal: Principal, frame: EmailFrame) -> None:
         if session.user is not None:
-            raise ClientError(
+            raise FrameRefused(
                 ErrorCode.INVALID,
                 f"this connection is already identified as {session.user.email}; "
                 "open a new connection to identify as someone else",
                 frame.type,
             )
         if not principal.may_identify(frame.email):
-            raise ClientError(
+            raise FrameRefused(
                 ErrorCode.FORBIDDEN, "your credentials do not allow this e-mail", frame.type
             )
         since = None
         if frame.since is not None:
             found = await self._store.find_inbox(frame.email, [frame.since])
             if not found:
-                raise ClientError(
+                raise FrameRefused(
                     ErrorCode.NOT_FOUND,
                     f"no message {frame.since!r} was sent to you; identify without 'since'",
                     frame.since,
@@ -111,7 +111,7 @@ class Handlers:
         _require_user(session, frame.type)
         user = await self._store.find_user(frame.email)
         if user is None:
-            raise ClientError(ErrorCode.NOT_FOUND, f"no user {frame.email}", frame.type)
+            raise FrameRefused(ErrorCode.NOT_FOUND, f"no user {frame.email}", frame.type)
         online = await self._presence.is_online(frame.email)
         session.push(user_reply(user, online))
 
@@ -119,7 +119,7 @@ class Handlers:
         """Check a ``message`` frame and answer ``received``; the draft to store."""
         _require_user(session, frame.id or frame.type)
         if len(frame.content) > self._max_content:
-            raise ClientError(
+            raise FrameRefused(
                 ErrorCode.TOO_LARGE,
                 f"'content' is {len(frame.content)} characters; the limit is {self._max_content}",
                 frame.id or frame.type,
@@ -179,7 +179,7 @@ class Handlers:
         if resent:
             _log_batch("messages_resent", session, resent, None)
 
-    async def acknowledge(self, session: Session, frames: Sequence[AckFrame]) -> list[ClientError]:
+    async def acknowledge(self, session: Session, frames: Sequence[AckFrame]) -> list[FrameRefused]:
         """Record consecutive ``ack``/``read`` frames together; the refusals among them.
 
         Waits until the transitions are written, so that a database that does
@@ -190,17 +190,17 @@ class Handlers:
         found: dict[str, list[Message]] = {}
         for message in await self._store.find_inbox(user.email, [f.id for f in frames]):
             found.setdefault(message.id, []).append(message)
-        refused: list[ClientError] = []
+        refused: list[FrameRefused] = []
         transitions: list[Transition] = []
         for frame in frames:
             candidates = [m for m in found.get(frame.id, ()) if frame.sender in (None, m.sender)]
             if not candidates:
                 refused.append(
-                    ClientError(ErrorCode.NOT_FOUND, f"you have no message {frame.id!r}", frame.id)
+                    FrameRefused(ErrorCode.NOT_FOUND, f"you have no message {frame.id!r}", frame.id)
                 )
             elif len(candidates) > 1:
                 refused.append(
-                    ClientError(
+                    FrameRefused(
                         ErrorCode.INVALID,
                         f"several senders used the id {frame.id!r}; add 'from' to say whose",
                         frame.id,
@@ -232,7 +232,7 @@ def _log_batch(event: str, session: Session, ids: list[str], state: MessageState
 
 def _require_user(session: Session, ref: str) -> User:
     if session.user is None:
-        raise ClientError(
+        raise FrameRefused(
             ErrorCode.NOT_IDENTIFIED, 'identify first with {"type":"#email",...}', ref
         )
     return session.user

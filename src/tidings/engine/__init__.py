@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from tidings.config import Settings
-from tidings.engine.base import Engine, Feed, Presence, Sink, Store
+from tidings.engine.base import Engine, Feed, FeedHealth, Presence, Sink, Store
 from tidings.engine.memory import memory_engine
 from tidings.engine.mongo import open_mongo
 
-__all__ = ["Engine", "Feed", "Presence", "Sink", "Store", "open_engine"]
+__all__ = ["Engine", "Feed", "FeedHealth", "Presence", "Sink", "Store", "open_engine"]
 
 log = logging.getLogger("tidings.engine")
 

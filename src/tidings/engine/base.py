@@ -87,6 +87,25 @@ class Store(Protocol):
         """
 
 
+@dataclass(frozen=True, slots=True)
+class FeedHealth:
+    """What a feed tells about itself beyond ``running``: counts since it started.
+
+    ``lag_seconds`` is how long ago the feed last confirmed it had delivered
+    everything stored before; it grows only while the feed is stuck.
+    ``resumes`` counts interruptions it recovered from its last position,
+    ``restarts`` those after which it began again from now (and asked the
+    sessions to re-read what they may have missed), ``interruptions`` the
+    errors that stopped it, ``skipped_events`` events it could not decode.
+    """
+
+    lag_seconds: float = 0.0
+    resumes: int = 0
+    restarts: int = 0
+    interruptions: int = 0
+    skipped_events: int = 0
+
+
 class Feed(Protocol):
     """One process's view of what the engine stored, as ``FeedEvent``s in stored order."""
 
@@ -97,6 +116,9 @@ class Feed(Protocol):
     @property
     def problem(self) -> str | None:
         """Why the feed is not running, when it is not."""
+
+    def health(self) -> FeedHealth:
+        """How the feed fares, read by ``/metrics`` at scrape time."""
 
     async def run(self, sink: Sink) -> None:
         """Deliver events to ``sink`` until cancelled."""
@@ -112,7 +134,15 @@ class Feed(Protocol):
 
 
 class Presence(Protocol):
-    """Which users hold a connection on some process."""
+    """Which users hold a connection on some process.
+
+    An engine whose records expire asks, through ``refresh_interval``, that
+    the app call ``refresh`` that often with the users online on this process.
+    """
+
+    @property
+    def refresh_interval(self) -> float | None:
+        """Seconds between two calls of ``refresh``; ``None`` when records never expire."""
 
     async def is_online(self, email: str) -> bool:
         """Whether any process holds a connection of ``email``."""

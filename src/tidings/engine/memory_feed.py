@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from tidings.engine.base import Sink
+from tidings.engine.base import FeedHealth, Sink
 from tidings.models import FeedEvent
 
 log = logging.getLogger("tidings.engine.memory")
@@ -29,6 +29,10 @@ class MemoryFeed:
     @property
     def problem(self) -> str | None:
         return None if self._running else "the in-process feed is not running"
+
+    def health(self) -> FeedHealth:
+        """In one process nothing is lost or late: every count stays zero."""
+        return FeedHealth()
 
     def publish(self, event: FeedEvent) -> None:
         """Queue an event, in the order the store made it."""
@@ -72,6 +76,11 @@ class MemoryPresence:
 
     def __init__(self) -> None:
         self._online: set[str] = set()
+
+    @property
+    def refresh_interval(self) -> None:
+        """Records in this process never expire: nothing to refresh."""
+        return None
 
     async def is_online(self, email: str) -> bool:
         return email in self._online

@@ -8,17 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import PyMongoError
 
 from tidings.config import Settings
 from tidings.engine.base import Engine
 from tidings.engine.mongo.documents import Document
+from tidings.engine.mongo.errors import mapped
 from tidings.engine.mongo.feed import MongoChangeFeed
-from tidings.engine.mongo.presence import Presence
+from tidings.engine.mongo.presence import MongoPresence
 from tidings.engine.mongo.store import MongoStore
-from tidings.errors import StoreUnavailable
 
-__all__ = ["MongoChangeFeed", "MongoStore", "open_mongo"]
+__all__ = ["MongoChangeFeed", "MongoPresence", "MongoStore", "open_mongo"]
 
 log = logging.getLogger("tidings.engine")
 
@@ -40,11 +39,9 @@ async def open_mongo(settings: Settings) -> AsyncIterator[Engine]:
     )
     try:
         db = client[settings.database]
-        presence = Presence(db["presence"])
-        try:
+        presence = MongoPresence(db["presence"])
+        with mapped():
             await presence.start()
-        except PyMongoError as exc:
-            raise StoreUnavailable(f"database error: {exc}") from exc
         feed = MongoChangeFeed(db, db.get_collection, settings.change_stream_scope)
         yield Engine("mongodb", MongoStore(db, settings.retention), feed, presence)
     finally:

@@ -1,32 +1,46 @@
-"""The one place where the driver's errors become Tidings' own."""
+"""The one place where the driver's errors become Tidings' own, and the engine's own error.
+
+Past the storage seam nobody sees a PyMongo type, its errors included: every
+driver error becomes ``StoreUnavailable`` here (``unavailable``), whether a
+store call (``guarded``) or opening the engine (``mapped``) raised it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from pymongo.errors import PyMongoError
 
-from tidings.errors import StoreUnavailable
+from tidings.errors import StoreUnavailable, TidingsError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class StreamClosed(TidingsError):
+    """A change stream ended without an invalidate event; the feed resumes it, never the core."""
+
+
+@contextlib.contextmanager
+def mapped() -> Iterator[None]:
+    """Raise a driver error inside the block as ``StoreUnavailable``, with the driver's reason."""
+    try:
+        yield
+    except PyMongoError as exc:
+        raise StoreUnavailable(f"database error: {exc}") from exc
+
+
 def guarded(
     method: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Report a database that does not answer in time as ``StoreUnavailable``.
-
-    Past the storage seam nobody sees a PyMongo type, its errors included.
-    """
+    """``method`` with its driver errors ``mapped``: a database that does not answer in time."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
+        with mapped():
             return await method(*args, **kwargs)
-        except PyMongoError as exc:
-            raise StoreUnavailable(f"database error: {exc}") from exc
 
     return wrapper

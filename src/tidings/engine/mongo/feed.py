@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 from pymongo.errors import OperationFailure, PyMongoError
 
-from tidings.engine.base import Sink
+from tidings.engine.base import FeedHealth, Sink
 from tidings.engine.mongo.documents import event_of
+from tidings.engine.mongo.errors import StreamClosed
 from tidings.engine.mongo.stream import (
     ENDING_OPERATIONS,
     RESTART_CODES,
@@ -40,7 +41,6 @@ from tidings.engine.mongo.stream import (
     Follower,
     Watchable,
 )
-from tidings.errors import StreamClosed
 from tidings.models import FeedEvent, Resync, collection_for, utcnow
 
 log = logging.getLogger("tidings.changestream")
@@ -99,6 +99,16 @@ class MongoChangeFeed:
         problem = f"change stream not open: {', '.join(f.label for f in down[:3])}"
         errors = [f.error for f in down if f.error]
         return f"{problem} ({errors[0]})" if errors else problem
+
+    def health(self) -> FeedHealth:
+        """The counts below, in the seam's terms."""
+        return FeedHealth(
+            lag_seconds=self.lag_seconds,
+            resumes=self._resumes,
+            restarts=self._restarts,
+            interruptions=self._interruptions,
+            skipped_events=self._poison,
+        )
 
     @property
     def poison_events(self) -> int:

@@ -18,7 +18,7 @@ from tidings.models import utcnow
 PRESENCE_TTL = timedelta(seconds=60)
 
 
-class Presence:
+class MongoPresence:
     """One record per user and process that holds a connection of theirs, with an expiry.
 
     The records carry their own expiry time, so that a record past it counts as
@@ -28,6 +28,11 @@ class Presence:
     def __init__(self, records: AsyncCollection[dict[str, Any]]) -> None:
         self._records = records
         self._process = uuid.uuid4().hex
+
+    @property
+    def refresh_interval(self) -> float:
+        """A third of the records' lifetime: two refreshes may fail before a user looks offline."""
+        return PRESENCE_TTL.total_seconds() / 3
 
     async def start(self) -> None:
         """Create the indexes: expiry (TTL) and look-up by e-mail."""

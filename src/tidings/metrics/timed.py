@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from tidings.engine.base import Store
 from tidings.errors import StoreUnavailable
-from tidings.metrics import Metrics
+from tidings.metrics.counts import Metrics
 from tidings.models import Draft, Message, Outcome, Position, StateChanged, Transition, User
 
 _T = TypeVar("_T")

@@ -1,6 +1,6 @@
 """What one scrape reports: the counts of a ``Metrics``, and the state of what it watches.
 
-A prometheus_client collector, registered in the ``Metrics``' own registry:
+A prometheus_client collector, registered by ``exposition.registry_of``:
 it runs when ``/metrics`` is asked for, on the event loop's thread, so it may
 read the sessions and the feed directly.
 """
@@ -8,7 +8,6 @@ read the sessions and the feed directly.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -17,31 +16,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-if TYPE_CHECKING:
-    from tidings.metrics import Metrics
-
-
-@runtime_checkable
-class FeedStats(Protocol):
-    """What a change feed may tell about itself; a feed without it reports zeros."""
-
-    @property
-    def running(self) -> bool: ...
-
-    @property
-    def resumes(self) -> int: ...
-
-    @property
-    def restarts(self) -> int: ...
-
-    @property
-    def interruptions(self) -> int: ...
-
-    @property
-    def poison_events(self) -> int: ...
-
-    @property
-    def lag_seconds(self) -> float: ...
+from tidings.engine.base import FeedHealth
+from tidings.metrics.counts import Metrics
 
 
 class Scrape:
@@ -152,29 +128,25 @@ class Scrape:
         )
 
     def _feed_families(self) -> Iterator[Metric]:
-        bound = self._metrics.feed
-        feed = bound if isinstance(bound, FeedStats) else None
-        running = bound is not None and bound.running
-        yield _gauge("tidings_feed_running", "1 while the change feed delivers events.", running)
+        feed = self._metrics.feed
+        running = feed is not None and feed.running
+        health = feed.health() if feed is not None else FeedHealth()
+        yield _gauge("tidings_feed_running", "1 while the feed delivers events.", running)
         yield _gauge(
             "tidings_feed_lag_seconds",
-            "Seconds since the stalest change stream last answered: every change older than "
-            "this was delivered.",
-            feed.lag_seconds if feed else 0.0,
+            "Seconds since the feed last confirmed it had delivered everything stored before.",
+            health.lag_seconds,
         )
         for name, value, doc in (
-            ("resumes", feed.resumes if feed else 0, "Change streams reopened from their token."),
-            ("restarts", feed.restarts if feed else 0, "Change streams started again from now."),
+            ("resumes", health.resumes, "Interruptions the feed recovered from its last position."),
             (
-                "interruptions",
-                feed.interruptions if feed else 0,
-                "Errors that stopped a change stream.",
+                "restarts",
+                health.restarts,
+                "Times the feed began again from now, and sessions re-read what they may have "
+                "missed.",
             ),
-            (
-                "poison_events",
-                feed.poison_events if feed else 0,
-                "Change events skipped as undecodable.",
-            ),
+            ("interruptions", health.interruptions, "Errors that stopped the feed."),
+            ("poison_events", health.skipped_events, "Feed events skipped as undecodable."),
         ):
             yield _counter(f"tidings_feed_{name}_total", doc, value)
 

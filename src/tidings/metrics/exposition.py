@@ -19,13 +19,15 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tidings.metrics import Metrics
+from tidings.metrics.counts import Metrics
+from tidings.metrics.scrape import Scrape
 
 log = logging.getLogger("tidings.metrics")
 
@@ -33,12 +35,22 @@ log = logging.getLogger("tidings.metrics")
 _STOP_TIMEOUT = 2
 
 
+def registry_of(metrics: Metrics) -> CollectorRegistry:
+    """A registry of its own for ``metrics`` and this process: what one scrape reports."""
+    registry = CollectorRegistry()
+    registry.register(Scrape(metrics))
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    return registry
+
+
 def metrics_route(metrics: Metrics) -> Route:
     """``GET /metrics``: the exposition format Prometheus asks for (text, or OpenMetrics)."""
+    registry = registry_of(metrics)
 
     async def endpoint(request: Request) -> Response:
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(encode(metrics.registry), headers={"Content-Type": content_type})
+        return Response(encode(registry), headers={"Content-Type": content_type})
 
     return Route("/metrics", endpoint, methods=["GET"])
 
