@@ -41,22 +41,23 @@ pytest: $(STAMP) tools
 	$(BIN)/pytest --cov --cov-report=term-missing
 
 # Debian's promtool checks the alert rules' PromQL (tests/test_monitoring.py). It is
-# installed where it can be (as root, through apt-get); elsewhere that test skips and
-# says why. The package brings the Prometheus server too; with no init system here it
-# is not started. Debian's Chromium, installed the same way, is the browser that
-# Playwright drives at /usr/bin/chromium in the web console's test
-# (tests/test_e2e_console.py); Playwright never downloads a browser of its own.
+# installed where it can be (as root, through apt-get). The package brings the Prometheus
+# server too; with no init system here it is not started. Debian's Chromium, installed the
+# same way, is the browser that Playwright drives at /usr/bin/chromium in the web console's
+# test (tests/test_e2e_console.py); Playwright never downloads a browser of its own.
+# Where they cannot be installed, install them yourself: their tests skip, and a skip for
+# that reason fails the run (tests/skips.py, docs/reliability.md#skips).
 tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
 		  { apt-get update -qq >/dev/null 2>&1 && \
 		    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }; } || \
-		echo "promtool not installed: tests/test_monitoring.py skips its PromQL check"
+		echo "promtool not installed: tests/test_monitoring.py skips its PromQL check, and the run fails"
 	@[ -x /usr/bin/chromium ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
 		  { apt-get update -qq >/dev/null 2>&1 && \
 		    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
-		echo "chromium not installed: tests/test_e2e_console.py skips its browser tests"
+		echo "chromium not installed: tests/test_e2e_console.py skips its browser tests, and the run fails"
 
 ## bench: start Tidings, the baselines and nx-27017 on 127.0.0.1, measure every figure
 ## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png

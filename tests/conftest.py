@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests import skips
 from tests.fakes import World, running_world
 from tests.helpers import serve
 from tests.mongo import REAL_MONGODB_URI, NxServer
 from tidings.config import Settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A skip for a reason not allowed in tests/skips.py fails the run."""
+    skips.pytest_configure(config)
 
 
 @pytest.fixture(autouse=True)
