@@ -1,10 +1,9 @@
-"""The memory engine's in-process feed and its presence within this one process."""
+"""The memory engine's feed: what its store wrote, handed to the hub in the same process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 from tidings.engine.base import FeedHealth, Sink
 from tidings.models import FeedEvent
@@ -69,27 +68,3 @@ class MemoryFeed:
 
     async def ready(self, email: str) -> None:
         pass
-
-
-class MemoryPresence:
-    """Presence within this one process."""
-
-    def __init__(self) -> None:
-        self._online: set[str] = set()
-
-    @property
-    def refresh_interval(self) -> None:
-        """Records in this process never expire: nothing to refresh."""
-        return None
-
-    async def is_online(self, email: str) -> bool:
-        return email in self._online
-
-    async def set(self, email: str, online: bool) -> None:
-        if online:
-            self._online.add(email)
-        else:
-            self._online.discard(email)
-
-    async def refresh(self, emails: Sequence[str]) -> None:
-        self._online.update(emails)

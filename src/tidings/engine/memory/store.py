@@ -1,12 +1,4 @@
-"""The embedded engine: users, messages and presence in this process's memory.
-
-Built for memory, not a mock of MongoDB: dictionaries and the indexes that the
-access paths need, so every operation costs the same whatever an inbox holds.
-Each inbox (``memory_inbox``) keeps its messages by position, a map by sender
-and id, and the positions of messages not yet delivered. Writes report
-themselves to the in-process ``MemoryFeed`` (``memory_feed``). Nothing
-survives the process: the app says so loudly at start-up.
-"""
+"""The embedded engine's store: users and messages in this process's memory, and their purge."""
 
 from __future__ import annotations
 
@@ -19,9 +11,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from tidings.engine.base import Engine
-from tidings.engine.memory_feed import MemoryFeed, MemoryPresence
-from tidings.engine.memory_inbox import Inbox
+from tidings.engine.memory.feed import MemoryFeed
+from tidings.engine.memory.inbox import Inbox
 from tidings.models import (
     Draft,
     Message,
@@ -35,8 +26,6 @@ from tidings.models import (
     utcnow,
 )
 from tidings.states import FINISHED, PENDING, MessageState, advances
-
-__all__ = ["MemoryFeed", "MemoryPresence", "MemoryStore", "memory_engine"]
 
 log = logging.getLogger("tidings.engine.memory")
 
@@ -217,9 +206,3 @@ class MemoryStore:
         moves.pop((message.recipient, message.id), None)
         moves[(message.recipient, message.id)] = now
         self._feed.publish(StateChanged(message.sender, message.id, transition.state, now))
-
-
-def memory_engine(retention: float | None = None, clock: Clock = utcnow) -> Engine:
-    """A fresh embedded engine; ``retention``: seconds finished messages are kept."""
-    feed = MemoryFeed()
-    return Engine("memory", MemoryStore(feed, retention, clock), feed, MemoryPresence())
