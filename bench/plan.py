@@ -18,11 +18,17 @@ class Plan:
     """Counts, loads and time bounds of every figure (seconds unless named otherwise)."""
 
     # M1 throughput: pairs, messages per sender, in-flight window per sender.
+    # Echo connections round-trip more frames each, so that an echo run lasts
+    # seconds too: both rates are taken over a steady stretch, not a start-up.
     m1_pairs: int = 20
-    m1_messages: int = 300
+    m1_messages: int = 1000
+    m1_echo_messages: int = 10000
     m1_window: int = 64
     m1_repeats: int = 7
     m1_budget: float = 45.0
+    # Load-generator processes (bench.blast) driving each server, all on the
+    # load core; a run where the server used less than 0.9 of its core is incomplete.
+    m1_generators: int = 2
 
     # Flat inbox: preload target and its time bound, then the measured operations.
     flat_preload: int = 100_000
@@ -69,10 +75,15 @@ class Plan:
     m5_budget: float = 90.0
     m5_hold_budget: float = 45.0
 
-    # M6 database commands on nx-27017.
+    # M6 database commands on nx-27017. Burst: every sender's messages in flight at
+    # once, so that writes batch. Steady: open loop, slow enough that each message
+    # is written, delivered and acknowledged before the next is sent (nx-27017
+    # takes 50 to 200 ms for that here), so that no batch can form.
     m6_pairs: int = 8
     m6_messages: int = 25
     m6_budget: float = 60.0
+    m6_steady_rate: float = 4.0
+    m6_steady_duration: float = 15.0
 
     # Latency against offered load, for the plot: 20 pairs, rising load.
     sweep_pairs: int = 20
@@ -90,6 +101,7 @@ class Plan:
         return cls(
             m1_pairs=4,
             m1_messages=40,
+            m1_echo_messages=200,
             m1_repeats=1,
             m1_budget=20.0,
             flat_preload=500,
@@ -115,6 +127,7 @@ class Plan:
             m5_hold_budget=20.0,
             m6_pairs=4,
             m6_messages=10,
+            m6_steady_duration=3.0,
             sweep_pairs=4,
             sweep_rates=(20.0, 60.0),
             sweep_rates_nx=(10.0, 20.0),

@@ -81,6 +81,20 @@ def _machine_line(run: dict[str, Any]) -> str:
     return line
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _cpu(cpu: dict[str, Any]) -> str:
+    """``generator / server`` shares of a core, and the echo baseline's beside them."""
+    if not cpu:
+        return "—"
+    text = f"{_share(cpu.get('generator'))} / {_share(cpu.get('server'))}"
+    if "echo_server" in cpu:
+        text += f" (echo: {_share(cpu.get('echo_generator'))} / {_share(cpu['echo_server'])})"
+    return text
+
+
 def render_table(results: list[dict[str, Any]]) -> str:
     """The generated Markdown: machine, the figures' table, and the sweep's steps."""
     if not results:
@@ -89,8 +103,9 @@ def render_table(results: list[dict[str, Any]]) -> str:
     latest_run = latest.get("run", {})
     lines = [_machine_line(latest_run), ""]
     lines += [
-        "| figure | measured | baseline (same run) | ratio | target | result | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| figure | measured | baseline (same run) | ratio | target | result "
+        "| CPU: load generator / server | notes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         run_id = result.get("run", {}).get("id")
@@ -113,6 +128,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
                         _fmt(row["ratio"]) if row["ratio"] is not None else "—",
                         target,
                         row["verdict"],
+                        _cpu(row.get("cpu") or {}),
                         row["note"],
                     )
                 )
@@ -121,7 +137,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
         if result.get("error"):
             first = str(result["error"]).splitlines()[0]
             lines.append(
-                f"| {_cell(result['title'])}: error{older} | | | | | error | {_cell(first)} |"
+                f"| {_cell(result['title'])}: error{older} | | | | | error | | {_cell(first)} |"
             )
     sweep = next((r for r in results if r["figure"] == "sweep"), None)
     if sweep is not None and sweep.get("series"):

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # ok: measured as planned; timeout: a bound was hit and the row holds what was
-# reached; error: nothing usable was measured; skipped: not measured here.
-Status = Literal["ok", "timeout", "error", "skipped"]
+# reached; unsaturated: the server was not the bottleneck (under 0.9 of its
+# core), so the figure says more about the load generator than about it;
+# error: nothing usable was measured; skipped: not measured here.
+Status = Literal["ok", "timeout", "unsaturated", "error", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class Row:
 
     ``ratio`` is measured ÷ baseline, both taken in the same run. A row whose
     status is not ``ok`` never passes, even when its partial ratio would: its
-    verdict is "incomplete" (timeout) or "error".
+    verdict is "incomplete" (timeout, unsaturated) or "error". ``unmet`` names a
+    requirement beside the target that the run did not meet (the sampled
+    connections answering, say): the row then fails whatever its value.
     """
 
     name: str
@@ -51,6 +55,9 @@ class Row:
     note: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
     ratio: float | None = None
+    unmet: str = ""
+    # Share of one core the load generator and the server used (1.0 = a whole core).
+    cpu: dict[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.measured is not None and self.baseline:
@@ -62,6 +69,8 @@ class Row:
         row is not ``ok`` (a partial measurement neither passes nor fails)."""
         if self.target is None or self.status != "ok":
             return None
+        if self.unmet:
+            return False
         return bool(self.target.met(self))
 
     @property
@@ -71,7 +80,7 @@ class Row:
             return "not measured"
         if self.status == "error":
             return "error"
-        if self.status == "timeout":
+        if self.status in ("timeout", "unsaturated"):
             return "incomplete"
         if self.passed is None:
             return "—"
