@@ -73,7 +73,7 @@ soak: $(BENCH_STAMP)
 ## TIDINGS_MODEL_EXAMPLES and TIDINGS_MODEL_STEPS to change); make test runs a short one
 model: $(STAMP)
 	TIDINGS_MODEL_EXAMPLES=$${TIDINGS_MODEL_EXAMPLES:-300} TIDINGS_MODEL_STEPS=$${TIDINGS_MODEL_STEPS:-40} \
-		$(BIN)/pytest -p no:cacheprovider tests/test_model.py
+		$(BIN)/pytest -p no:cacheprovider tests/test_model_based.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build src/*.egg-info

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from tests.contract import server_frame
+from tests.asyncapi_check import server_frame
 from tidings.app import create_app
 from tidings.config import Settings
 from tidings.server import server_config

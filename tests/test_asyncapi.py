@@ -14,7 +14,7 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from tests.contract import DOCUMENT, check_server_frame, resolve, validators
+from tests.asyncapi_check import DOCUMENT, check_server_frame, resolve, validators
 from tidings.asyncapi import RECEIVE, SEND, client_frames, render
 from tidings.cli import main
 from tidings.client_frames import _MODELS

@@ -32,7 +32,7 @@ from tests.helpers import TIMEOUT, Client, client, serve
 from tests.mongo import NxServer
 from tests.proxy import Proxy
 from tests.test_e2e_mongo import wait_for_readiness
-from tests.test_model import RANK
+from tests.test_model_based import RANK
 from tidings.config import Settings
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
-from tests.contract import server_frame
+from tests.asyncapi_check import server_frame
 from tests.helpers import TIMEOUT, ThreadedServer
 from tidings.config import Settings
 from tidings.emails import normalise_email

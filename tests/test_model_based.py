@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from websockets.sync.client import ClientConnection, connect
 
-from tests.contract import server_frame
+from tests.asyncapi_check import server_frame
 from tests.helpers import TIMEOUT, ThreadedServer
 from tests.mongo import NxServer
 from tidings.config import Settings
