@@ -12,7 +12,10 @@ the database by name, and writes them as JSON:
 - when it exits (after SIGTERM or SIGINT), to ``$BENCH_COMMANDS_FILE``.
 
 Change-stream aggregates are counted as ``aggregate$changeStream``, apart
-from ordinary aggregates, so that the harness can leave them out.
+from ordinary aggregates, and the ``getMore`` and ``killCursors`` of the
+cursors they opened as ``getMore$changeStream`` and
+``killCursors$changeStream``, so that the harness can leave out exactly those
+and count the ones of ordinary cursors.
 
 With ``BENCH_TASKS_FILE`` set, SIGUSR2 writes the number of asyncio tasks
 there (the soak samples it).
@@ -35,24 +38,43 @@ from bench.proc import raise_nofile_limit
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by name."""
+    """Counts started commands by name, change-stream cursors' apart."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        # Requests that opened a change stream, until their reply names its cursor.
+        self._opening: set[tuple[int, object]] = set()
+        self._streams: set[int] = set()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         name = event.command_name
+        command = event.command
         if name == "aggregate":
-            pipeline = event.command.get("pipeline") or [{}]
+            pipeline = command.get("pipeline") or [{}]
             if "$changeStream" in pipeline[0]:
                 name = "aggregate$changeStream"
+                self._opening.add((event.request_id, event.connection_id))
+        elif name == "getMore" and command.get("getMore") in self._streams:
+            name = "getMore$changeStream"
+        elif name == "killCursors":
+            cursors = set(command.get("cursors") or ())
+            if cursors & self._streams:
+                name = "killCursors$changeStream"
+                self._streams -= cursors
         self.counts[name] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        """Nothing to count."""
+        """Remember the cursor a change stream opened."""
+        key = (event.request_id, event.connection_id)
+        if key in self._opening:
+            self._opening.discard(key)
+            cursor = (event.reply.get("cursor") or {}).get("id")
+            if cursor:
+                self._streams.add(int(cursor))
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         """Nothing to count: a failed command was counted when it started."""
+        self._opening.discard((event.request_id, event.connection_id))
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
