@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bench.bare import BareFailed, run_bare
-from bench.figures.common import Context, generator_note, join, status
+from bench.figures.common import SATURATED_CPU, Context, generator_note, join, status
 from bench.load import (
     LoadError,
     RunResult,
@@ -26,6 +26,7 @@ from bench.load import (
     run_tag,
     wait_acked,
 )
+from bench.proc import CpuMeter
 from bench.result import FigureResult, Row, Target, error_row
 from bench.servers import NxServer, ServerFailed, TidingsServer
 
@@ -38,6 +39,13 @@ M4_NAME = "M4 fan-out, embedded: delivery p99 with many idle users"
 SATURATION = 0.8
 # Between sweep steps, how long the server may take to finish the last one's acks.
 STEP_SETTLE = 5.0
+
+
+def _total(shares: list[float | None]) -> float | None:
+    """The server core's share: its processes' shares added (None if one is missing)."""
+    if any(s is None for s in shares):
+        return None
+    return round(sum(s for s in shares if s is not None), 3)
 
 
 def _ms(value: float | None) -> float | None:
@@ -175,13 +183,34 @@ async def run_m4(ctx: Context) -> FigureResult:
 
 
 @contextlib.asynccontextmanager
-async def _server(ctx: Context, store: str) -> AsyncIterator[TidingsServer]:
+async def _server(ctx: Context, store: str) -> AsyncIterator[tuple[TidingsServer, list[int]]]:
+    """Tidings on ``store``, and the processes of the server core (Tidings, nx-27017)."""
     if store == "embedded":
         async with TidingsServer(ctx.workdir) as tidings:
-            yield tidings
+            yield tidings, [tidings.pid]
         return
     async with NxServer(ctx.workdir) as nx, TidingsServer(ctx.workdir, nx.uri) as tidings:
-        yield tidings
+        yield tidings, [tidings.pid, nx.pid]
+
+
+def _knee(steps: list[dict[str, Any]]) -> tuple[str, dict[str, float | None]]:
+    """Which side was at its limit at the knee (the first saturated step, else the last)."""
+    knee = next((s for s in steps if s["saturated"]), steps[-1] if steps else None)
+    if knee is None:
+        return "", {}
+    gen, server = knee.get("loadgen_cpu"), knee.get("server_cpu")
+    if gen is not None and gen >= SATURATED_CPU:
+        who = "the load generator saturated"
+    elif server is not None and server >= SATURATED_CPU:
+        who = "the server core saturated"
+    else:
+        who = f"neither side reached {SATURATED_CPU:.0%} of its core"
+    shares = f"load generator {gen:.0%}, server core {server:.0%}" if gen and server else ""
+    return (
+        f"at {knee['offered_per_s']:g}/s ({'saturated' if knee['saturated'] else 'highest'}): "
+        f"{join(shares, who)}",
+        {"generator": gen, "server": server},
+    )
 
 
 async def run_sweep(ctx: Context) -> FigureResult:
@@ -202,22 +231,32 @@ async def run_sweep(ctx: Context) -> FigureResult:
         steps: list[dict[str, Any]] = []
         result.series[store] = steps
         try:
-            async with _server(ctx, store) as tidings:
+            async with _server(ctx, store) as (tidings, pids):
                 rates = plan.sweep_rates if store == "embedded" else plan.sweep_rates_nx
                 for rate in rates:
+                    meters = [CpuMeter(pid) for pid in pids]
+                    for meter in meters:
+                        meter.start()
                     measured = await _offered(
                         tidings.url, plan.sweep_pairs, rate, plan.sweep_duration, plan.drain
                     )
+                    shares = [m.stop() for m in meters]
                     delivered = measured.rate or 0.0
                     saturated = measured.timed_out or delivered < SATURATION * rate
                     steps.append(
-                        {**measured.summary(), "offered_per_s": rate, "saturated": saturated}
+                        {
+                            **measured.summary(),
+                            "offered_per_s": rate,
+                            "saturated": saturated,
+                            "server_cpu": _total(shares),
+                        }
                     )
                     if saturated:
                         break
         except (ServerFailed, LoadError) as exc:
             result.error = join(result.error or "", f"{store}: {exc}")
         complete = [s for s in steps if not s["saturated"]]
+        knee, cpu = _knee(steps)
         result.rows.append(
             Row(
                 f"Latency sweep, {store}: highest offered load before saturation",
@@ -226,11 +265,15 @@ async def run_sweep(ctx: Context) -> FigureResult:
                 None,
                 "—",
                 status="ok" if steps else "error",
-                note="; ".join(
-                    f"{s['offered_per_s']:g}/s: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms"
-                    + (" (saturated)" if s["saturated"] else "")
-                    for s in steps
+                note=join(
+                    knee,
+                    "; ".join(
+                        f"{s['offered_per_s']:g}/s: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms"
+                        + (" (saturated)" if s["saturated"] else "")
+                        for s in steps
+                    ),
                 ),
+                cpu=cpu,
             )
         )
     return result
