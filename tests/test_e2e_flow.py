@@ -99,7 +99,7 @@ async def test_a_client_that_falls_behind_is_not_cut_and_loses_nothing() -> None
         max_frame_bytes=2**19,
         max_content_chars=2**18,
         # Longer than Bob's pause: he is behind, not gone.
-        close_timeout=TIMEOUT * 3,
+        write_timeout=TIMEOUT * 3,
     )
     count = 128  # 32 MiB: far more than loopback socket buffers and the queue hold.
     async with (

@@ -31,6 +31,7 @@ def most_messages() -> int:
 async def test_a_recipient_that_stops_reading_is_dropped() -> None:
     settings = Settings(
         dev=True,
+        write_timeout=1.0,
         close_timeout=1.0,
         rate_limit=100000,
         rate_burst=100000,

@@ -149,7 +149,7 @@ class Release01Data:
     """What Tidings 0.1 left in the database, read back with PyMongo."""
 
     inbox: list[Document]  # bob's inbox documents, in ObjectId order
-    receipts: list[Document]  # alice's outbox receipts, in ObjectId order
+    receipts: list[Document]  # alice's receipts, in ObjectId order
     o1_delivered_at: str  # when o1 became ``delivered``, as alice was told
 
 

@@ -20,7 +20,7 @@ from tests.mongo import change_event, nx_oid
 from tidings.engine.mongo.compat import as_datetime, typed
 from tidings.engine.mongo.documents import (
     INBOX,
-    OUTBOX,
+    RECEIPT,
     SCHEMA,
     Document,
     event_of,
@@ -220,7 +220,7 @@ def test_an_nx_encoded_receipt_update_is_decoded() -> None:
     full = {
         "_id": nx_oid(str(OID)),
         "v": SCHEMA,
-        "k": OUTBOX,
+        "k": RECEIPT,
         "mid": "m1",
         "from": ALICE,
         "to": BOB,

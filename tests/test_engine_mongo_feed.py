@@ -46,7 +46,7 @@ from pymongo.errors import (
 from tests.fakes import ALICE, BOB, CAROL, TIMEOUT
 from tests.fakes import FakeSubscriber as BaseSubscriber
 from tests.mongo import change_event, nx_oid
-from tidings.engine.mongo.documents import INBOX, OUTBOX, SCHEMA
+from tidings.engine.mongo.documents import INBOX, RECEIPT, SCHEMA
 from tidings.engine.mongo.feed import MongoChangeFeed
 from tidings.engine.mongo.stream import RESYNC_MARGIN, WATCHED_OPERATIONS
 from tidings.hub import Hub
@@ -411,7 +411,7 @@ def receipt_doc(n: int, state: str, sender: str = BOB) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "_id": ObjectId(f"{n + 1000:024x}"),
         "v": SCHEMA,
-        "k": OUTBOX,
+        "k": RECEIPT,
         "mid": f"m{n}",
         "from": sender,
         "to": CAROL,
@@ -1331,7 +1331,7 @@ async def test_hub_delivers_stored_messages_states_and_resyncs(
     receipt = {  # Bob's message to Carol was delivered
         "_id": nx_oid("0" * 24),
         "v": SCHEMA,
-        "k": OUTBOX,
+        "k": RECEIPT,
         "mid": "to-carol",
         "from": BOB,
         "to": CAROL,

@@ -93,8 +93,8 @@ async def test_messages_and_receipt_updates_arrive_typed(scope: Scope) -> None:
     async with wired(scope) as w:
         await w.insert(message_doc(1))
         await w.insert(receipt_doc(2, "sent"))  # a new receipt: nobody to tell
-        outbox = w.db[collection_for(BOB)]
-        await outbox.update_one(
+        receipts = w.db[collection_for(BOB)]
+        await receipts.update_one(
             {"mid": "m2"}, {"$set": {"state": "delivered", "at.delivered": LATER}}
         )
         await w.until(lambda: len(w.events) == 2)

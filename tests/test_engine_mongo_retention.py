@@ -23,7 +23,7 @@ from tests.fakes import ALICE, BOB
 from tests.mongo import REAL_MONGODB_URI, NxServer
 from tidings.engine.mongo import MongoStore
 from tidings.engine.mongo.compat import as_datetime
-from tidings.engine.mongo.documents import INBOX, OUTBOX, Document
+from tidings.engine.mongo.documents import INBOX, RECEIPT, Document
 from tidings.engine.mongo.retention import DONE, apply_retention
 from tidings.models import Draft, Transition, collection_for, utcnow
 from tidings.states import MessageState
@@ -85,7 +85,7 @@ async def test_done_is_set_on_delivered_and_read_only_on_both_sides(
 
         async def done() -> list[object]:
             inbox = await db[collection_for(BOB)].find_one({"k": INBOX, "mid": "m1"})
-            receipt = await db[collection_for(ALICE)].find_one({"k": OUTBOX, "mid": "m1"})
+            receipt = await db[collection_for(ALICE)].find_one({"k": RECEIPT, "mid": "m1"})
             assert inbox is not None
             assert receipt is not None
             return [inbox.get(DONE), receipt.get(DONE)]
@@ -133,7 +133,7 @@ async def test_a_resend_after_only_the_inbox_expired_reclaims_the_receipt(
         (again,) = await store.send(ALICE, "c2", [Draft("m1", BOB, "again")])
         assert again.stored is not None
         assert again.state is S.STORED
-        receipt = await db[collection_for(ALICE)].find_one({"k": OUTBOX, "mid": "m1"})
+        receipt = await db[collection_for(ALICE)].find_one({"k": RECEIPT, "mid": "m1"})
         assert receipt is not None
         assert (receipt["state"], receipt["conn"], DONE in receipt) == ("stored", "c2", False)
         # Later states reach the sender's side again.

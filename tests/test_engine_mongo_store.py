@@ -1,6 +1,6 @@
 """What only the MongoDB engine has to get right, beyond the contract every engine keeps.
 
-Its documents (inbox copy and outbox receipt), the error mapping at the
+Its documents (inbox copy and receipt), the error mapping at the
 storage seam, the repair of attempts that stopped half way, the numbering of
 inboxes written by Tidings 0.1 (schema 1), and shared presence. Cases whose
 outcome depends on the server run on mongomock and on nx-27017.
@@ -26,7 +26,7 @@ from tests.helpers import free_port
 from tests.mongo import NxServer
 from tidings.engine.mongo.documents import (
     INBOX,
-    OUTBOX,
+    RECEIPT,
     SCHEMA,
     SENDER_ID_INDEX,
     Document,
@@ -91,7 +91,7 @@ async def one(
 
 
 async def receipt(db: AsyncDatabase[Document], sender: str, mid: str) -> Document:
-    doc = await db[collection_for(sender)].find_one({"k": OUTBOX, "mid": mid})
+    doc = await db[collection_for(sender)].find_one({"k": RECEIPT, "mid": mid})
     assert doc is not None, f"{sender} has a receipt of {mid}"
     return doc
 
@@ -136,7 +136,7 @@ async def test_send_writes_an_inbox_document_and_a_receipt(
     assert "seq" not in sent
     # The receipt reaches ``stored`` once the inbox document is written.
     assert state_of(sent) == (S.STORED, message.sent_at)
-    assert await db[collection_for(BOB)].count_documents({"k": OUTBOX}) == 0
+    assert await db[collection_for(BOB)].count_documents({"k": RECEIPT}) == 0
 
 
 async def test_send_to_oneself_keeps_inbox_document_and_receipt_apart(
@@ -145,7 +145,7 @@ async def test_send_to_oneself_keeps_inbox_document_and_receipt_apart(
     message = (await one(store, ALICE, ALICE, "m1")).stored
     assert message is not None
     docs = await db[collection_for(ALICE)].find({"mid": "m1"}).sort("k", ASCENDING).to_list()
-    assert [(d["k"], d["state"]) for d in docs] == [(INBOX, "stored"), (OUTBOX, "stored")]
+    assert [(d["k"], d["state"]) for d in docs] == [(INBOX, "stored"), (RECEIPT, "stored")]
     await store.record([Transition.of(message, S.DELIVERED)])
     docs = await db[collection_for(ALICE)].find({"mid": "m1"}).to_list()
     assert [d["state"] for d in docs] == ["delivered", "delivered"]
@@ -214,7 +214,7 @@ async def test_a_resend_repairs_a_receipt_left_behind(
     first = await one(store, ALICE, BOB, "m1")
     # As if the process stopped after the inbox insert, before the receipt's update.
     await db[collection_for(ALICE)].update_one(
-        {"k": OUTBOX, "mid": "m1"}, {"$set": {"state": "received"}, "$unset": {"at": ""}}
+        {"k": RECEIPT, "mid": "m1"}, {"$set": {"state": "received"}, "$unset": {"at": ""}}
     )
     again = await one(store, ALICE, BOB, "m1")
     assert (again.stored, again.state, again.at) == (None, S.STORED, first.at)
@@ -410,21 +410,21 @@ def old_inbox(i: int) -> Document:
 def old_receipt(i: int) -> Document:
     doc = old_inbox(i)
     del doc["content"]
-    return {**doc, "_id": ObjectId(), "k": OUTBOX, "conn": "c0"}
+    return {**doc, "_id": ObjectId(), "k": RECEIPT, "conn": "c0"}
 
 
 async def write_schema_1(db: AsyncDatabase[Document]) -> None:
     """BOB's inbox and ALICE's receipts as Tidings 0.1 left them."""
-    inbox, outbox = db[collection_for(BOB)], db[collection_for(ALICE)]
+    inbox, receipts = db[collection_for(BOB)], db[collection_for(ALICE)]
     for i in WRITTEN:
         await inbox.insert_one(old_inbox(i))
-        await outbox.insert_one(old_receipt(i))
+        await receipts.insert_one(old_receipt(i))
     # 0.1's backlog index; on nx-27017 it could not include _id.
     keys = [("k", ASCENDING), ("state", ASCENDING)]
     if not on_nx(db):
         keys.append(("_id", ASCENDING))
     await inbox.create_index(keys, name=SCHEMA_1_BACKLOG_INDEX)
-    for coll in (inbox, outbox):
+    for coll in (inbox, receipts):
         await coll.create_indexes([SENDER_ID_INDEX])
 
 

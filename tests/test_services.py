@@ -18,13 +18,13 @@ from tidings.services import Services
 RESTART = (CloseCode.SERVICE_RESTART, "server restarting; reconnect")
 
 
-def services_of(world: World, drain_delay: float, close_timeout: float = 5.0) -> Services:
+def services_of(world: World, drain_delay: float, write_timeout: float = 5.0) -> Services:
     deadline = drain_delay + 60.0  # long enough to be no part of these tests
     return Services(
         settings=Settings(
             dev=True,
             drain_delay=drain_delay,
-            close_timeout=close_timeout,
+            write_timeout=write_timeout,
             drain_deadline=deadline,
         ),
         engine=world.engine,
@@ -55,7 +55,7 @@ async def test_drain_flushes_then_closes_every_session_with_1012(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tidings.services")
-    services = services_of(world, drain_delay=0, close_timeout=TIMEOUT)
+    services = services_of(world, drain_delay=0, write_timeout=TIMEOUT)
     (one, one_transport), (two, two_transport) = world.session(), world.session()
     user = await world.store.inner.ensure_user(BOB)
     await two.identify(user, None)
@@ -78,10 +78,10 @@ async def test_drain_flushes_then_closes_every_session_with_1012(
     assert record.__dict__["connections"] == 2
 
 
-async def test_drain_closes_a_client_that_does_not_read_after_close_timeout(
+async def test_drain_closes_a_client_that_does_not_read_after_write_timeout(
     world: World,
 ) -> None:
-    services = services_of(world, drain_delay=0, close_timeout=0.05)
+    services = services_of(world, drain_delay=0, write_timeout=0.05)
     session, transport = world.session()  # its write_timeout is far longer
     services.connections.add(Connection(session, ReadAhead(8)))
     transport.flowing.clear()  # never reads again
@@ -100,7 +100,7 @@ async def test_drain_with_no_connection_ends(world: World) -> None:
 async def test_drain_drops_frames_read_ahead_and_lets_the_one_in_hand_finish(
     world: World,
 ) -> None:
-    services = services_of(world, drain_delay=0, close_timeout=TIMEOUT)
+    services = services_of(world, drain_delay=0, write_timeout=TIMEOUT)
     session, transport = world.session()
     reads = ReadAhead(8)
     for n in range(3):

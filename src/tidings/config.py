@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     websocket_compression: bool = False
     # Frames a connection may have waiting to be written. Beyond it, live
     # messages are dropped from memory and read again from the store once the
-    # client catches up; a client that takes no frame for close_timeout while
+    # client catches up; a client that takes no frame for write_timeout while
     # frames wait is disconnected as a slow consumer.
     send_queue_size: PositiveInt = 256
     # Frames read from a connection ahead of the one being handled, so that
@@ -88,9 +88,12 @@ class Settings(BaseSettings):
     # then; the drain (the delay above, the frames in hand, the last flush to
     # each client, the last state writes) is fitted inside it.
     drain_deadline: PositiveFloat = 25.0
-    # How long a client may take no frame while frames wait for it (a slow
-    # consumer), and how long a closing connection may take to flush, before
-    # it is dropped.
+    # How long a client may take no frame while frames wait for it before it
+    # is closed as a slow consumer; also the most a drain waits for a client to
+    # take what was queued for it.
+    write_timeout: PositiveFloat = 5.0
+    # How long a closing connection may take to flush its close frame, or the
+    # peer to answer it, before the TCP connection is aborted.
     close_timeout: PositiveFloat = 5.0
     # Seconds a message is kept once it is delivered or read (counted from its
     # latest of those states), on MongoDB by a TTL index. Unset: kept for ever.
@@ -128,6 +131,11 @@ class Settings(BaseSettings):
         return frozenset(
             o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip()
         )
+
+    @property
+    def store_timeout(self) -> float:
+        """Seconds any store call may take: the database's budget (``TIDINGS_MONGODB_TIMEOUT``)."""
+        return self.mongodb_timeout
 
     @property
     def embedded(self) -> bool:

@@ -118,7 +118,7 @@ class TidingsEndpoint(WebSocketEndpoint):
             services.recorder,
             queue_size=settings.send_queue_size,
             backlog_batch=settings.backlog_batch,
-            write_timeout=settings.close_timeout,
+            write_timeout=settings.write_timeout,
             metrics=services.metrics,
         )
         services.metrics.opened += 1

@@ -48,12 +48,12 @@ class Services:
         """
         settings = self.settings
         loop = asyncio.get_running_loop()
-        end = loop.time() + settings.drain_deadline - settings.mongodb_timeout - SHUTDOWN_MARGIN
+        end = loop.time() + settings.drain_deadline - settings.store_timeout - SHUTDOWN_MARGIN
         self.draining = True
         log.info("draining", extra={"connections": len(self.connections)})
         await asyncio.sleep(min(settings.drain_delay, max(0.0, end - loop.time())))
         left = max(0.0, end - loop.time())
-        flush = min(settings.close_timeout, left / 2)
+        flush = min(settings.write_timeout, left / 2)
         await asyncio.gather(
             *(
                 connection.drain(

@@ -2,7 +2,7 @@
 
 Each user owns one collection (``collection_for``). A message lives in its
 recipient's collection as an *inbox* document (the durable copy, with content)
-and in its sender's collection as an *outbox receipt* that mirrors its state.
+and in its sender's collection as a *receipt* that mirrors its state.
 The receipt is what lets a change stream on the sender's own collection carry
 state changes back to the sender, in both change-stream scopes.
 
@@ -36,8 +36,10 @@ from tidings.states import MessageState
 Document = dict[str, Any]
 
 SCHEMA = 2
+# The kinds of message document (``k``): a message in its recipient's inbox,
+# and the sender's receipt of it. The stored values are those of schema 1.
 INBOX = "in"
-OUTBOX = "out"
+RECEIPT = "out"
 
 # Ids are unique per sender; this also finds a message by id for ack/read.
 SENDER_ID_INDEX = IndexModel(
@@ -76,10 +78,10 @@ def inbox_doc(sender: str, draft: Draft, now: datetime) -> Document:
 
 
 def receipt_doc(sender: str, draft: Draft, conn: str, now: datetime) -> Document:
-    """A new outbox receipt, ``received`` until its inbox document is written."""
+    """A new receipt, ``received`` until its inbox document is written."""
     return {
         "v": SCHEMA,
-        "k": OUTBOX,
+        "k": RECEIPT,
         "mid": draft.id,
         "from": sender,
         "to": draft.recipient,
@@ -137,7 +139,7 @@ def event_of(change: Mapping[str, Any]) -> FeedEvent | None:
             # by, so its recipient re-reads the backlog, which holds it.
             return Resync("a message without a position (schema 1)", doc["to"])
         return Stored(message_of(doc))
-    if kind != OUTBOX or operation == "insert":
+    if kind != RECEIPT or operation == "insert":
         return None
     # updateLookup may return a later version; the state this write set is in
     # updatedFields (nx-27017 sends none: its fullDocument is this write's).

@@ -27,7 +27,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
 
 from tidings.engine.mongo.compat import retime_ttl
-from tidings.engine.mongo.documents import OUTBOX, Document, moved_at
+from tidings.engine.mongo.documents import RECEIPT, Document, moved_at
 from tidings.states import FINISHED, MessageState
 
 # Set to when a message reached delivered or read; the TTL index reads it.
@@ -87,7 +87,7 @@ def reclaim(receipt: Document) -> UpdateOne:
     fields = {key: value for key, value in receipt.items() if key != "_id"}
     stored = MessageState.STORED.value
     return UpdateOne(
-        {"k": OUTBOX, "mid": receipt["mid"], "from": receipt["from"], "state": {"$in": _FINISHED}},
+        {"k": RECEIPT, "mid": receipt["mid"], "from": receipt["from"], "state": {"$in": _FINISHED}},
         {
             "$set": {**fields, "state": stored, "at": {stored: now}, "moved": moved_at(now)},
             "$unset": {DONE: ""},

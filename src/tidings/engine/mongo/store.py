@@ -25,8 +25,8 @@ from pymongo.errors import BulkWriteError
 from tidings.engine.mongo.batch import DUPLICATE_KEY, SequencedCommit
 from tidings.engine.mongo.documents import (
     INBOX,
-    OUTBOX,
     PENDING_VALUES,
+    RECEIPT,
     Document,
     inbox_doc,
     message_of,
@@ -125,7 +125,7 @@ class MongoStore:
             else:
                 outcomes[i] = await self._answer_resend(sender, drafts[i])
         if stored:
-            updates = [_advance(OUTBOX, m.sender, m.id, MessageState.STORED, now) for m in stored]
+            updates = [_advance(RECEIPT, m.sender, m.id, MessageState.STORED, now) for m in stored]
             # A taken id whose message was stored anyway: the inbox no longer
             # held it, its retention having run out, and its receipt is next.
             # The id names the new message now, and the receipt follows it.
@@ -144,7 +144,7 @@ class MongoStore:
     ) -> None:
         """Answer the drafts whose id this sender used before for someone else."""
         ids = [drafts[i].id for i in taken]
-        cursor = receipts.find({"k": OUTBOX, "from": sender, "mid": {"$in": ids}})
+        cursor = receipts.find({"k": RECEIPT, "from": sender, "mid": {"$in": ids}})
         previous = {doc["mid"]: doc async for doc in cursor}
         for i in taken:
             doc = previous.get(drafts[i].id)
@@ -170,7 +170,7 @@ class MongoStore:
         state, at = state_of(existing)
         # Repairs a receipt left behind by an attempt that stopped half way.
         receipts = await self._messages(sender)
-        await _bulk(receipts, [_advance(OUTBOX, sender, draft.id, state, at)])
+        await _bulk(receipts, [_advance(RECEIPT, sender, draft.id, state, at)])
         return Outcome(draft.id, state, at)
 
     @guarded
@@ -207,7 +207,7 @@ class MongoStore:
     @guarded
     async def states_since(self, sender: str, since: datetime) -> list[StateChanged]:
         receipts = await self._messages(sender)
-        query = {"k": OUTBOX, "moved": {"$gte": moved_at(since)}, "state": {"$ne": "received"}}
+        query = {"k": RECEIPT, "moved": {"$gte": moved_at(since)}, "state": {"$ne": "received"}}
         cursor = receipts.find(query).sort("moved", ASCENDING)
         return [StateChanged(doc["from"], doc["mid"], *state_of(doc)) async for doc in cursor]
 
@@ -228,7 +228,7 @@ class MongoStore:
             if isinstance(result, BaseException):
                 continue
             for t in group:
-                receipts[t.sender].append(_advance(OUTBOX, t.sender, t.id, t.state, now))
+                receipts[t.sender].append(_advance(RECEIPT, t.sender, t.id, t.state, now))
         for sender, updates in receipts.items():
             await _bulk(await self._messages(sender), updates)
         for result in results:
@@ -282,7 +282,7 @@ def _advance(kind: str, sender: str, message_id: str, state: MessageState, at: A
     changes = {"state": state.value, f"at.{state.value}": at}
     if state in FINISHED:
         changes[DONE] = at  # the retention index counts from here (retention.py)
-    if kind == OUTBOX:
+    if kind == RECEIPT:
         earlier = [MessageState.RECEIVED.value, *earlier]
         changes["moved"] = moved_at(at)  # for states_since
     return UpdateOne(
