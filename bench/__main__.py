@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib.util
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import machine, report
+from bench import progress, report, runinfo
 from bench.figures import FIGURES
 from bench.figures.common import Context
 from bench.plan import Plan
@@ -87,50 +84,72 @@ def _pin_self(argv: list[str]) -> bool:
     return True  # Not reached: execv replaced this process.
 
 
-def _source() -> dict[str, Any]:
-    """Which Tidings is under test: where it is imported from, and its commit.
-
-    ``BENCH_SOURCE`` describes it instead of git, for a copy outside any
-    checkout (a snapshot of a working tree that keeps changing, say).
-    """
-    spec = importlib.util.find_spec("tidings")
-    origin = Path(spec.origin).parent if spec is not None and spec.origin else None
-    info: dict[str, Any] = {"path": str(origin) if origin else None}
-    if os.environ.get("BENCH_SOURCE"):
-        info["commit"] = os.environ["BENCH_SOURCE"]
-        return info
-    if origin is not None:
-        git = shutil.which("git")
-        if git is not None:
-            try:
-                info["commit"] = subprocess.run(
-                    [git, "rev-parse", "--short", "HEAD"],
-                    cwd=origin,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=10,
-                ).stdout.strip()
-                status = subprocess.run(
-                    [git, "status", "--porcelain", "--", "."],
-                    cwd=origin,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=10,
-                ).stdout
-                info["dirty"] = bool(status.strip())
-            except (OSError, subprocess.SubprocessError):
-                info["commit"] = "not a git checkout"
-    return info
+# Seconds each figure takes in a full run on the 2-core machine, for the first
+# progress estimates when no earlier result says better.
+TYPICAL_S = {"m1": 120, "flat": 90, "m2": 20, "m3": 60, "m4": 60, "m5": 90, "m6": 45, "sweep": 100}
+QUICK_S = 10.0
+PROGRESS_EVERY = 15.0
 
 
-async def _measure(keys: list[str], ctx: Context, out: Path, run: dict[str, Any]) -> bool:
+def _estimates(out: Path, keys: list[str], quick: bool) -> dict[str, float]:
+    """How long each figure took the last time it ran with the same plan size."""
+    found = {
+        r["figure"]: float(r["run"]["figure_s"])
+        for r in report.load_results(out)
+        if r.get("run", {}).get("figure_s") and bool(r["run"].get("quick")) == quick
+    }
+    return {k: found.get(k, QUICK_S if quick else TYPICAL_S.get(k, 60.0)) for k in keys}
+
+
+class _Progress:
+    """Which figures are done, how their pace compares with the estimates, what is left."""
+
+    def __init__(self, estimates: dict[str, float]) -> None:
+        self.estimates = estimates
+        self.took: dict[str, float] = {}
+        self.current = ""
+        self.current_since = time.monotonic()
+
+    def start(self, key: str) -> None:
+        self.current, self.current_since = key, time.monotonic()
+
+    def done(self, key: str, took: float) -> None:
+        self.took[key] = took
+
+    def line(self, elapsed: float) -> str:
+        expected = sum(self.estimates[k] for k in self.took)
+        actual = sum(self.took.values())
+        # Slower than the estimates so far: the rest will be too, by as much; but
+        # one figure whose plan changed since its estimate must not swing it far.
+        pace = min(2.0, max(0.5, expected / actual)) if expected and actual else 1.0
+        running = time.monotonic() - self.current_since
+        left = sum(v for k, v in self.estimates.items() if k not in self.took and k != self.current)
+        left += max(0.0, self.estimates.get(self.current, 0.0) - running * pace)
+        return (
+            f"[bench] {len(self.took)} of {len(self.estimates)} figures done; "
+            f"{self.current} running for {progress.clock(running)}; "
+            f"{progress.clock(elapsed)} elapsed; about {progress.clock(left / pace)} left "
+            f"(pace {pace:.2f}x the estimates, from the last run of each figure)"
+        )
+
+
+async def _measure(
+    keys: list[str], ctx: Context, out: Path, run: dict[str, Any], estimates: dict[str, float]
+) -> bool:
     """Measure each figure in turn; write its JSON as soon as it is done. True if all went well."""
+    tracker = _Progress(estimates)
+    async with progress.ticking(tracker.line, PROGRESS_EVERY):
+        return await _measure_each(keys, ctx, out, run, tracker)
+
+
+async def _measure_each(
+    keys: list[str], ctx: Context, out: Path, run: dict[str, Any], tracker: _Progress
+) -> bool:
     clean = True
     for key in keys:
         figure = FIGURES[key]
         print(f"[bench] {key}: {figure.title} ...", flush=True)
+        tracker.start(key)
         started = time.monotonic()
         try:
             result = await figure.measure(ctx)
@@ -141,9 +160,10 @@ async def _measure(keys: list[str], ctx: Context, out: Path, run: dict[str, Any]
         finally:
             stop_all()
         took = time.monotonic() - started
+        tracker.done(key, took)
         clean = clean and result.error is None
         data = result.to_json()
-        data["run"] = {**run, "finished": _now(), "figure_s": round(took, 1)}
+        data["run"] = {**run, "finished": runinfo.now(), "figure_s": round(took, 1)}
         report.write_figure(out, data)
         for row in result.rows:
             print(f"[bench]   {row.name}: {row.verdict} (ratio {row.ratio})", flush=True)
@@ -151,10 +171,6 @@ async def _measure(keys: list[str], ctx: Context, out: Path, run: dict[str, Any]
             print(f"[bench]   error: {result.error.strip().splitlines()[-1]}", flush=True)
         print(f"[bench] {key} took {took:.0f} s", flush=True)
     return clean
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -176,16 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     keys = args.figures or list(FIGURES)
     workdir = Path(tempfile.mkdtemp(prefix="tidings-bench-"))
-    run: dict[str, Any] = {
-        "id": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        "started": _now(),
-        "machine": machine.describe(),
-        "source": _source(),
-        "pinned": pinned,
-        "quick": args.quick,
-        "plan": plan.as_dict(),
-        "figures": keys,
-    }
+    run = runinfo.record(pinned=pinned, quick=args.quick, plan=plan.as_dict(), figures=keys)
+    estimates = _estimates(args.out, keys, args.quick)
     print(f"[bench] run {run['id']}: {', '.join(keys)}; logs in {workdir}", flush=True)
     if not pinned:
         print("[bench] warning: not pinned (taskset or two cores missing)", flush=True)
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     clean = False
     try:
-        clean = asyncio.run(_measure(keys, Context(plan, workdir), args.out, run))
+        clean = asyncio.run(_measure(keys, Context(plan, workdir), args.out, run, estimates))
     except KeyboardInterrupt:
         print("[bench] interrupted; stopping every server", flush=True)
         return 130

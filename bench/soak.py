@@ -44,7 +44,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from bench import runinfo
 from bench.proc import rss_kib
+from bench.progress import clock
 from bench.servers import NxServer, TidingsServer, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,7 @@ RSS_GROWTH = 0.05  # of the mean RSS over the last half
 FD_GROWTH = 5.0
 SETTLE = 120.0  # seconds after the load for what was in flight to finish
 DRAIN = 60.0  # seconds a generation has to get its last messages stored and delivered
+PROGRESS_EVERY = 30.0
 
 
 @dataclass
@@ -305,6 +308,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         samples: list[dict[str, float | None]] = []
         started = time.monotonic()
         next_churn = started + 2
+        next_report = started + PROGRESS_EVERY
         while (elapsed := time.monotonic() - started) < args.minutes * 60:
             samples.append(
                 {
@@ -314,11 +318,19 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "tasks": await tasks(server, tasks_file),
                 }
             )
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY
+                print(_progress(elapsed, args.minutes * 60, tally, samples[-1]), flush=True)
             while time.monotonic() >= next_churn:
                 reconnects[int(next_churn) % args.pairs].set()
                 next_churn += 2
             await asyncio.sleep(min(args.sample, max(0.0, next_churn - time.monotonic())))
         stop.set()
+        print(
+            f"[soak] load stopped; draining (up to {clock(DRAIN)}), then up to "
+            f"{clock(SETTLE)} for what was in flight to finish",
+            flush=True,
+        )
         # Each pair drains its last generation (bounded) before it returns.
         await asyncio.gather(*pairs, churner)
         # Once every client is gone, what the load left behind: work still in
@@ -339,6 +351,17 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(1)
         after["seconds_after_the_clients_left"] = round(time.monotonic() - left, 1)
     return {"samples": samples, "tally": tally, "before": before, "after": after}
+
+
+def _progress(elapsed: float, total: float, tally: Tally, sample: dict[str, Any]) -> str:
+    rss = sample.get("rss_kib")
+    return (
+        f"[soak] {clock(elapsed)} of {clock(total)}: {len(tally.stored):,} messages stored, "
+        f"{len(tally.received):,} received ({len(tally.received) / max(elapsed, 1e-9):.1f}/s), "
+        f"{tally.churned} reconnects, {tally.generations} generations"
+        + (f", server RSS {rss / 1024:.0f} MiB" if rss else "")
+        + f"; {clock(total - elapsed)} of load left, then up to {clock(DRAIN + SETTLE)} draining"
+    )
 
 
 def judge(run: dict[str, Any], minutes: float) -> dict[str, Any]:
@@ -407,13 +430,26 @@ def main() -> int:
     parser.add_argument("--rotate", type=float, default=60.0, help="seconds per generation")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
     args = parser.parse_args()
+    run_record = runinfo.record(kind="soak")
+    print(
+        f"[soak] run {run_record['id']}: {args.minutes:g} min of load on Tidings "
+        f"{run_record['source'].get('commit', '?')} and nx-27017; a line every "
+        f"{clock(PROGRESS_EVERY)}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
         try:
             run = asyncio.run(soak(args, Path(tmp)))
         finally:
             stop_all()
     verdict = judge(run, args.minutes)
-    result = {"params": vars(args), "verdict": verdict, "samples": run["samples"]}
+    run_record["finished"] = runinfo.now()
+    result = {
+        "run": run_record,
+        "params": vars(args),
+        "verdict": verdict,
+        "samples": run["samples"],
+    }
     out = ROOT / "bench" / "results" / "soak.json"
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     plot(run["samples"], ROOT / "docs" / "soak.png")
