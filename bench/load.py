@@ -596,6 +596,7 @@ class RunResult:
     failures: dict[str, int] = field(default_factory=dict)
     resent: int = 0
     loadgen_cpu: float | None = None
+    server_cpu: float | None = None
     lag_max: float = 0.0
     measure: str = "counted"
     reconnects: int = 0

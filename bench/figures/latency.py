@@ -52,11 +52,26 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000
 
 
-async def _offered(url: str, pairs: int, rate: float, duration: float, drain: float) -> RunResult:
-    """One open-loop run on fresh pairs, closed afterwards."""
+async def _offered(
+    url: str,
+    pairs: int,
+    rate: float,
+    duration: float,
+    drain: float,
+    server_pids: tuple[int, ...] = (),
+) -> RunResult:
+    """One open-loop run on fresh pairs, closed afterwards.
+
+    With ``server_pids``, ``server_cpu`` is their share of the server core while
+    the load ran (setting up and closing the pairs left out).
+    """
     group = await open_pairs(url, pairs, run_tag("lat"), window=0)
     try:
+        meters = [CpuMeter(pid) for pid in server_pids]
+        for meter in meters:
+            meter.start()
         result = await drive_offered(group, rate, duration, drain)
+        result.server_cpu = _total([m.stop() for m in meters]) if meters else None
         await wait_acked(group, STEP_SETTLE)
         result.acked = group.ledger.acked
         return result
@@ -234,13 +249,14 @@ async def run_sweep(ctx: Context) -> FigureResult:
             async with _server(ctx, store) as (tidings, pids):
                 rates = plan.sweep_rates if store == "embedded" else plan.sweep_rates_nx
                 for rate in rates:
-                    meters = [CpuMeter(pid) for pid in pids]
-                    for meter in meters:
-                        meter.start()
                     measured = await _offered(
-                        tidings.url, plan.sweep_pairs, rate, plan.sweep_duration, plan.drain
+                        tidings.url,
+                        plan.sweep_pairs,
+                        rate,
+                        plan.sweep_duration,
+                        plan.drain,
+                        tuple(pids),
                     )
-                    shares = [m.stop() for m in meters]
                     delivered = measured.rate or 0.0
                     saturated = measured.timed_out or delivered < SATURATION * rate
                     steps.append(
@@ -248,7 +264,7 @@ async def run_sweep(ctx: Context) -> FigureResult:
                             **measured.summary(),
                             "offered_per_s": rate,
                             "saturated": saturated,
-                            "server_cpu": _total(shares),
+                            "server_cpu": measured.server_cpu,
                         }
                     )
                     if saturated:
