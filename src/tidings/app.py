@@ -16,7 +16,8 @@ from tidings.auth import build_authenticator
 from tidings.config import Settings
 from tidings.console import console_routes
 from tidings.endpoint import TidingsEndpoint
-from tidings.engine import open_engine
+from tidings.engine import check, open_engine
+from tidings.errors import StoreUnavailable
 from tidings.handlers import Handlers
 from tidings.health import healthz, readyz
 from tidings.hub import Hub
@@ -28,6 +29,11 @@ from tidings.services import Services
 
 log = logging.getLogger("tidings.app")
 
+# Seconds between two attempts to prepare a database that does not answer:
+# doubling from the first to the last, then every last.
+PREPARE_FIRST_RETRY = 1.0
+PREPARE_LAST_RETRY = 30.0
+
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The Tidings ASGI app. Nothing is connected until its lifespan starts.
@@ -37,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """
     settings = settings or Settings()
     authenticator = build_authenticator(settings)
+    check(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -61,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 ),
                 authenticator=authenticator,
                 metrics=metrics,
+                unready="the database has not answered yet",
             )
             metrics.bind(
                 connections=lambda: [connection.session for connection in services.connections],
@@ -70,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
             app.state.services = services
             tasks = [
+                asyncio.create_task(_prepare(services), name="prepare"),
                 asyncio.create_task(engine.feed.run(hub.dispatch), name="change-feed"),
                 asyncio.create_task(recorder.run(), name="recorder"),
             ]
@@ -103,6 +112,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings.metrics_port is None:
         routes.append(metrics_route(metrics))
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _prepare(services: Services) -> None:
+    """Prepare the engine's database, trying again until it answers; readiness waits for it.
+
+    The process starts whatever the database does: a pod that exited instead
+    would be restarted with a back-off of up to five minutes, and come back
+    that late after the database did.
+    """
+    delay = PREPARE_FIRST_RETRY
+    while True:
+        try:
+            await services.engine.prepare()
+        except StoreUnavailable as exc:
+            services.unready = str(exc)
+            log.warning("database_unreachable", extra={"error": str(exc), "retry_in": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PREPARE_LAST_RETRY)
+        else:
+            services.unready = None
+            log.info("database_ready")
+            return
 
 
 async def _keep_presence(services: Services, interval: float) -> None:

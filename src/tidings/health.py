@@ -27,6 +27,8 @@ async def readyz(request: Request) -> Response:
 async def _readiness(services: Services) -> Response:
     if services.draining:
         return _unready("draining: the server is shutting down")
+    if services.unready is not None:
+        return _unready(f"starting: {services.unready}")
     feed = services.engine.feed
     if not feed.running:
         return _unready(f"change feed: {feed.problem or 'not running'}")

@@ -30,6 +30,8 @@ class Services:
     handlers: Handlers
     authenticator: Authenticator
     draining: bool = False
+    # Why the engine is not prepared yet (its database has not answered); None once it is.
+    unready: str | None = None
     # Every open connection, so that a drain can finish them all.
     connections: set[Connection] = field(default_factory=set)
     # What /metrics reports; the app's own, made by create_app.

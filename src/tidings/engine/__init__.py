@@ -9,11 +9,21 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from tidings.config import Settings
 from tidings.engine.base import Engine, Feed, FeedHealth, Presence, Sink, Store
 from tidings.engine.memory import memory_engine
-from tidings.engine.mongo import open_mongo
+from tidings.engine.mongo import check_uri, open_mongo
 
-__all__ = ["Engine", "Feed", "FeedHealth", "Presence", "Sink", "Store", "open_engine"]
+__all__ = ["Engine", "Feed", "FeedHealth", "Presence", "Sink", "Store", "check", "open_engine"]
 
 log = logging.getLogger("tidings.engine")
+
+
+def check(settings: Settings) -> None:
+    """Raise ``ConfigError`` if the engine the settings name could never open.
+
+    Called before anything runs, so that ``tidings serve`` refuses to start in
+    one line instead of failing its start-up with a traceback.
+    """
+    if settings.mongodb_uri is not None:
+        check_uri(settings.mongodb_uri)
 
 
 @asynccontextmanager

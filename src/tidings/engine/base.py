@@ -9,7 +9,7 @@ this seam: ``memory`` (the embedded default) and ``mongo``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -154,11 +154,23 @@ class Presence(Protocol):
         """Keep this process's records of ``emails`` alive."""
 
 
+async def nothing_to_prepare() -> None:
+    """The ``prepare`` of an engine that is ready as soon as it is open."""
+
+
 @dataclass(frozen=True, eq=False)
 class Engine:
-    """A store, its feed and presence, open for the app's lifetime."""
+    """A store, its feed and presence, open for the app's lifetime.
+
+    ``prepare`` is what the engine must do against its database before the
+    app is ready (indexes, say). It raises ``StoreUnavailable``, saying which
+    database and why, while that database does not answer; the app calls it
+    again until it succeeds and is not ready meanwhile, so that a process
+    started before its database needs no restart once the database answers.
+    """
 
     name: str
     store: Store
     feed: Feed
     presence: Presence
+    prepare: Callable[[], Awaitable[None]] = nothing_to_prepare

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import PyMongoError, ServerSelectionTimeoutError
 
 from tidings.errors import StoreUnavailable, TidingsError
 
@@ -24,13 +25,26 @@ class StreamClosed(TidingsError):
     """A change stream ended without an invalidate event; the feed resumes it, never the core."""
 
 
+# What follows the reason in a server selection timeout: the driver's timeouts
+# and its whole topology description, hundreds of characters for one server.
+_SELECTION_DETAIL = re.compile(r" \(configured timeouts:[^)]*\)|, Timeout: .*$", re.DOTALL)
+
+
+def reason(exc: PyMongoError) -> str:
+    """The driver's reason for ``exc``, on one line and without its topology description."""
+    text = str(exc)
+    if isinstance(exc, ServerSelectionTimeoutError):
+        text = _SELECTION_DETAIL.sub("", text)
+    return " ".join(text.split())
+
+
 @contextlib.contextmanager
 def mapped() -> Iterator[None]:
     """Raise a driver error inside the block as ``StoreUnavailable``, with the driver's reason."""
     try:
         yield
     except PyMongoError as exc:
-        raise StoreUnavailable(f"database error: {exc}") from exc
+        raise StoreUnavailable(f"database error: {reason(exc)}") from exc
 
 
 def guarded(

@@ -31,7 +31,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from tidings.engine.base import FeedHealth, Sink
 from tidings.engine.mongo.documents import event_of
-from tidings.engine.mongo.errors import StreamClosed
+from tidings.engine.mongo.errors import StreamClosed, reason
 from tidings.engine.mongo.stream import (
     ENDING_OPERATIONS,
     RESTART_CODES,
@@ -281,14 +281,15 @@ class MongoChangeFeed:
 
     async def _back_off(self, follower: Follower, exc: Exception) -> None:
         follower.healthy = False
-        follower.error = f"{type(exc).__name__}: {exc}"
+        why = reason(exc) if isinstance(exc, PyMongoError) else str(exc)
+        follower.error = f"{type(exc).__name__}: {why}"
         exponent = min(follower.failures, 32)  # Beyond that the cap rules anyway.
         delay = self._jitter(min(self._backoff_cap, self._backoff_base * 2**exponent))
         follower.failures += 1
         self._interruptions += 1
         log.warning(
             "feed_interrupted",
-            extra={"stream": follower.label, "error": str(exc), "retry_in": round(delay, 3)},
+            extra={"stream": follower.label, "error": why, "retry_in": round(delay, 3)},
         )
         await asyncio.sleep(delay)
 
