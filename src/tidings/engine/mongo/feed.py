@@ -101,41 +101,18 @@ class MongoChangeFeed:
         return f"{problem} ({errors[0]})" if errors else problem
 
     def health(self) -> FeedHealth:
-        """The counts below, in the seam's terms."""
-        return FeedHealth(
-            lag_seconds=self.lag_seconds,
-            resumes=self._resumes,
-            restarts=self._restarts,
-            interruptions=self._interruptions,
-            skipped_events=self._poison,
-        )
-
-    @property
-    def poison_events(self) -> int:
-        """Change events skipped because they could not be decoded, since start."""
-        return self._poison
-
-    @property
-    def resumes(self) -> int:
-        """Streams reopened from their token after an interruption, since start."""
-        return self._resumes
-
-    @property
-    def restarts(self) -> int:
-        """Streams started again from now (token unusable, stream ended), since start."""
-        return self._restarts
-
-    @property
-    def interruptions(self) -> int:
-        """Errors that stopped a stream, each followed by a backoff, since start."""
-        return self._interruptions
-
-    @property
-    def lag_seconds(self) -> float:
-        """Seconds since the stalest stream last answered: every change before was delivered."""
-        # An open stream answers every max_await_ms, idle or not: this grows only when it stops.
+        """Its counts since start, and the lag of the stalest stream."""
+        # An open stream answers every max_await_ms, idle or not: the lag grows
+        # only while one is stuck. Every change before it was delivered.
         oldest = min((f.last_answer for f in self._followers.values()), default=None)
-        return 0.0 if oldest is None else max(0.0, (self._clock() - oldest).total_seconds())
+        lag = 0.0 if oldest is None else max(0.0, (self._clock() - oldest).total_seconds())
+        return FeedHealth(
+            lag_seconds=lag,
+            resumes=self._resumes,  # reopened from their token after an interruption
+            restarts=self._restarts,  # started again from now: token unusable, stream ended
+            interruptions=self._interruptions,  # errors that stopped a stream, each backed off
+            skipped_events=self._poison,  # change events that could not be decoded
+        )
 
     async def run(self, sink: Sink) -> None:
         self._sink = sink
