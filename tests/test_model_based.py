@@ -6,9 +6,14 @@ the synchronous WebSocket client. Steps run one after another, and the model
 knows after each one what the store holds:
 
 - every message that reached ``stored``, in the order it was stored, per recipient;
-- which were acknowledged or read (each ack is followed by a ping, and frames
-  are handled in order, so the pong means the ack is durable);
+- which were acknowledged or read (each ack is followed by a sentinel, and
+  frames are handled in order, so its pong means the ack is durable);
 - which messages each open connection must still receive live, in order.
+
+Each step, and the teardown, ends with a sentinel on every open connection: a
+``#ping`` with a ``ts`` of its own, and every frame up to its ``#pong`` checked
+against the model. So a frame that should not have come is caught by the step
+that caused it, not by a wait that happened to be long enough.
 
 Invariants, checked on every frame that arrives:
 
@@ -17,7 +22,11 @@ Invariants, checked on every frame that arrives:
   stored for its user while it is open, in stored order: nothing lost, no
   duplicate, no message of anyone else, one order;
 - a sender's states move forward only, and ``delivered``/``read`` come only
-  after the recipient sent ``ack``/``read``.
+  after the recipient sent ``ack``/``read``; and they do come: once an ``ack``
+  or ``read`` moves a message forward, the sender's connection, if it has one,
+  must see the new state within ``TIMEOUT``;
+- the only other frames are the ``#email`` answer, once, and the ``#pong`` of
+  the sentinel in flight.
 
 ``make model`` runs it for long (``TIDINGS_MODEL_EXAMPLES``).
 """
@@ -28,6 +37,7 @@ import contextlib
 import itertools
 import json
 import os
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +82,8 @@ class Connection:
     email: str
     expected: deque[Key] = field(default_factory=deque)
     states: dict[str, str] = field(default_factory=dict)  # this user's sent messages
+    identified: bool = False
+    pinged: str | None = None  # the ts of the sentinel in flight
 
 
 class Protocol(RuleBasedStateMachine):
@@ -88,7 +100,11 @@ class Protocol(RuleBasedStateMachine):
         self.received: dict[str, list[Key]] = {email: [] for email in self.emails}
         self.conns: dict[str, Connection] = {}
         self.serial = itertools.count()
+        self.sentinels = itertools.count()
         self.sockets = contextlib.ExitStack()
+        # Every open connection has been read up to a sentinel since the last frame
+        # sent: the teardown may check them once more (not after a failed step).
+        self.settled = True
 
     # --- frames ------------------------------------------------------------------------
 
@@ -116,8 +132,18 @@ class Protocol(RuleBasedStateMachine):
                 assert message.done is not None, frame
                 assert RANK[state] <= RANK[message.done], (frame, message.done)
             conn.states[frame["id"]] = state
+        elif frame["type"] == "#email":
+            assert not conn.identified, frame
+            conn.identified = True
         else:
-            assert frame["type"] in ("#pong", "#email"), frame
+            assert frame["type"] == "#pong", frame
+            assert conn.pinged is not None, frame
+            assert frame["ts"] == conn.pinged, (frame, conn.pinged)
+            conn.pinged = None
+
+    def send_frame(self, conn: Connection, frame: dict[str, Any]) -> None:
+        self.settled = False
+        conn.ws.send(json.dumps(frame))
 
     def recv(self, conn: Connection, timeout: float = TIMEOUT) -> dict[str, Any]:
         frame = server_frame(conn.ws.recv(timeout=timeout))
@@ -132,6 +158,37 @@ class Protocol(RuleBasedStateMachine):
 
     def find(self, key: Key) -> Stored | None:
         return next((m for m in self.stored if (m.sender, m.id) == key), None)
+
+    def sentinel(self, conn: Connection) -> None:
+        """Ping ``conn`` and check every frame up to its pong: all that was due has come."""
+        ts = f"sentinel-{next(self.sentinels)}"
+        conn.pinged = ts
+        self.send_frame(conn, {"type": "#ping", "ts": ts})
+        self.until(conn, lambda f: f["type"] == "#pong")
+        assert not conn.expected, f"{conn.email} still expects {list(conn.expected)}"
+
+    def settle(self) -> None:
+        """A sentinel on every open connection."""
+        for conn in self.conns.values():
+            self.sentinel(conn)
+        self.settled = True
+
+    def reaches_sender(self, message: Stored, state: str) -> None:
+        """The sender's connection, if it has one, sees ``state`` within ``TIMEOUT``."""
+        conn = self.conns.get(message.sender)
+        if conn is None:
+            return
+        deadline = time.monotonic() + TIMEOUT
+        while RANK[conn.states.get(message.id, "received")] < RANK[state]:
+            # Every frame on the way is checked; the step's sentinel follows.
+            remaining = deadline - time.monotonic()
+            try:
+                self.recv(conn, timeout=max(remaining, 0))
+            except TimeoutError:
+                raise AssertionError(
+                    f"{state} of {message.id} did not reach its sender {conn.email} "
+                    f"within {TIMEOUT} s (it saw {conn.states.get(message.id)})"
+                ) from None
 
     # --- rules -------------------------------------------------------------------------
 
@@ -156,7 +213,7 @@ class Protocol(RuleBasedStateMachine):
             if message.done is None or after:
                 conn.expected.append((message.sender, message.id))
             after = after or (since is not None and (message.sender, message.id) == since)
-        conn.ws.send(json.dumps(frame))
+        self.send_frame(conn, frame)
         self.until(conn, lambda f: f["type"] == "#email")
         self.known.add(email)
         event(f"identify, backlog of {len(conn.expected)}" + (" since" if since else ""))
@@ -183,7 +240,7 @@ class Protocol(RuleBasedStateMachine):
         if receiver is not None:  # expected before it is sent: it may be its own sender
             receiver.expected.append((conn.email, mid))
             self.stored.append(Stored(conn.email, mid, recipient))
-        conn.ws.send(json.dumps({"type": "message", "to": recipient, "content": mid, "id": mid}))
+        self.send_frame(conn, {"type": "message", "to": recipient, "content": mid, "id": mid})
         answer = self.until(
             conn, lambda f: f.get("id") == mid and f["state"] in ("stored", "failed")
         )
@@ -209,7 +266,7 @@ class Protocol(RuleBasedStateMachine):
         message = mine[pick % len(mine)]
         event("resend")
         frame = {"type": "message", "to": message.recipient, "content": "x", "id": message.id}
-        conn.ws.send(json.dumps(frame))
+        self.send_frame(conn, frame)
         # Received, then the current state: nothing is stored again, which the
         # recipients' expected queues check on every later frame.
         self.until(conn, lambda f: f.get("id") == message.id and f["state"] != "received")
@@ -230,24 +287,22 @@ class Protocol(RuleBasedStateMachine):
         message = self.find((sender, mid))
         assert message is not None
         state = "delivered" if kind == "ack" else "read"
-        if message.done is None or RANK[state] > RANK[message.done]:
+        moves = message.done is None or RANK[state] > RANK[message.done]
+        if moves:
             message.done = state  # before it is sent: its state may come back at once
-        conn.ws.send(json.dumps({"type": kind, "id": mid, "from": sender}))
-        ts = f"after-{kind}-{mid}"
-        conn.ws.send(json.dumps({"type": "#ping", "ts": ts}))
-        self.until(conn, lambda f: f == {"type": "#pong", "ts": ts})
+        self.send_frame(conn, {"type": kind, "id": mid, "from": sender})
+        self.sentinel(conn)  # the ack is handled, so durable
+        if moves:
+            self.reaches_sender(message, state)
 
     @invariant()
-    def nothing_unexpected_arrived(self) -> None:
-        for conn in self.conns.values():
-            while True:
-                try:
-                    self.recv(conn, timeout=0)
-                except TimeoutError:
-                    break
+    def every_connection_settles(self) -> None:
+        self.settle()
 
     def teardown(self) -> None:
-        self.sockets.close()
+        with self.sockets:
+            if self.settled:
+                self.settle()
 
 
 def run_machine(url: str) -> None:
