@@ -24,7 +24,7 @@ def run(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     """Run the test file ``source`` under pytest with the check; its result."""
     (tmp_path / "test_tiny.py").write_text(textwrap.dedent(source))
     environment = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name != "PYTEST_ADDOPTS"},
         "PYTHONPATH": str(REPOSITORY),
         # Only pytest and the check: not the plugins installed in the venv.
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
