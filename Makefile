@@ -60,12 +60,14 @@ tools:
 		echo "chromium not installed: tests/test_e2e_console.py skips its browser tests, and the run fails"
 
 ## bench: start Tidings, the baselines and nx-27017 on 127.0.0.1, measure every figure
-## (7 to 16 minutes), write bench/results/*.json, docs/benchmarks.md and docs/latency.png
+## (7 to 16 minutes, a progress line every 15 s), write bench/results/*.json,
+## docs/benchmarks.md and docs/latency.png
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
-## soak: steady load and connection churn on nx-27017 for 10 minutes (ARGS="--minutes 30"):
-## nothing lost, RSS and descriptors flat; writes bench/results/soak.json and docs/soak.png
+## soak: steady load and connection churn on nx-27017 for 10 minutes (ARGS="--minutes 30"),
+## a progress line every 30 s: nothing lost, RSS and descriptors flat; writes
+## bench/results/soak.json (with its run id and commit) and docs/soak.png
 soak: $(BENCH_STAMP)
 	$(BIN)/python -m bench.soak $(ARGS)
 
