@@ -1,6 +1,6 @@
 """Every server frame a test reads, checked against docs/asyncapi.yaml.
 
-The server builds its frames as dicts and ``tidings.frames`` describes them as
+The server builds its frames as dicts and ``tidings.server_frames`` describes them as
 models; nothing at run time ties the two. These checks do: each test client
 decodes what a real server sends through ``server_frame``, so a frame that the
 committed contract does not describe fails the test that saw it.
