@@ -1,9 +1,10 @@
 """Every server frame a test reads, checked against docs/asyncapi.yaml.
 
-The server builds its frames as dicts and ``tidings.server_frames`` describes them as
-models; nothing at run time ties the two. These checks do: each test client
-decodes what a real server sends through ``server_frame``, so a frame that the
-committed contract does not describe fails the test that saw it.
+``tidings.server_frames`` builds the server's frames as dicts and describes them
+as models; ``tests/test_server_frames.py`` checks each builder against its model.
+These checks close the loop on what a real server actually sends: each test
+client decodes it through ``server_frame``, so a frame that the committed
+contract does not describe fails the test that saw it.
 """
 
 from __future__ import annotations
