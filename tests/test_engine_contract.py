@@ -257,7 +257,6 @@ def ids(messages: Sequence[Message]) -> list[str]:
 async def test_ensure_user_creates_the_record_once(store: Store) -> None:
     first = await store.ensure_user(ALICE)
     assert (first.email, first.name, first.collection) == (ALICE, "alice", collection_for(ALICE))
-    assert first.online is False
     assert len(first.id) == 32
     assert await store.ensure_user(ALICE) == first
     other = await store.ensure_user(BOB)
@@ -270,7 +269,6 @@ async def test_find_user(store: Store) -> None:
     found = await store.find_user(ALICE)
     assert found == created
     assert found is not None
-    assert found.online is False
     assert await store.find_user(BOB) is None
 
 

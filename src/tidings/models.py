@@ -62,13 +62,12 @@ def _at_millisecond(milliseconds: int) -> datetime:
 
 @record
 class User:
-    """A user's public record; ``online`` is filled in when it is looked up."""
+    """A user's record. Whether the user is online is presence's to say, not the store's."""
 
     id: str
     email: str
     name: str
     collection: str
-    online: bool = False
 
 
 @record

@@ -35,7 +35,7 @@ class Users:
         return user
 
     async def find(self, email: str) -> User | None:
-        """The record for ``email``, or ``None``; ``online`` is left for the caller."""
+        """The record for ``email``, or ``None``."""
         doc = await self._records.find_one({"_id": email})
         if doc is None:
             return None
