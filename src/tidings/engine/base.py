@@ -50,7 +50,7 @@ class Store(Protocol):
         """The user record for ``email``, created on its first identification."""
 
     async def find_user(self, email: str) -> User | None:
-        """The user record for ``email``, or ``None``; ``online`` is left ``False``."""
+        """The user record for ``email``, or ``None``."""
 
     async def send(self, sender: str, conn: str, drafts: Sequence[Draft]) -> list[Outcome]:
         """Store ``sender``'s drafts durably, in order, each once per sender and id.
