@@ -190,7 +190,7 @@ class Session:
 
     async def _restate(self, email: str, since: datetime) -> None:
         for change in await self._store.states_since(email, since):
-            self._outbox.push(change_frame(change))
+            self.changed(change)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` and stop the session."""
